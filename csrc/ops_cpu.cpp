@@ -1,0 +1,171 @@
+// CPU implementations of the afd_fast operators: input checks, the choice of kernel copy
+// (cpu_kernels.h, baseline or AVX2), batch means, and the small LSGAN and backward kernels.
+#include <torch/library.h>
+
+#include "checks.h"
+#define AFD_CPU_ISA baseline
+#include "cpu_kernels.h"
+
+namespace afd {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace avx2 {  // ops_cpu_avx2.cpp
+void mutual_distillation_kernel(const MutualDistillationArgs& a, const at::Tensor& logits,
+                                const at::Tensor& target, const at::Tensor& weights,
+                                const at::Tensor& grad, const at::Tensor& ce_per_sample,
+                                const at::Tensor& kl_per_sample);
+}
+#endif
+
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_distillation_forward_cpu(
+    const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& weights_in,
+    double temperature, double ce_weight, double kd_weight, double label_smoothing,
+    bool compute_grad) {
+  check_mutual_distillation_inputs(logits_in, target_in, weights_in, temperature, label_smoothing);
+  TORCH_CHECK(logits_in.device().is_cpu(), "mutual_distillation_forward_cpu got a ",
+              logits_in.device(), " tensor");
+  const auto logits = logits_in.contiguous();
+  const auto target = target_in.to(at::kLong).contiguous();
+  const int64_t classes = logits.size(2);
+  if (target.numel() > 0) {
+    const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < classes, "target holds class indices in [", lo, ", ", hi,
+                "], but logits have ", classes, " classes (valid: 0..", classes - 1, ")");
+  }
+  const auto acc = acc_dtype(logits.scalar_type());
+  const auto weights = weights_in.to(acc).contiguous();
+  MutualDistillationArgs a{logits.size(0), weights.size(0), logits.size(1), classes,
+                           temperature, ce_weight, kd_weight, label_smoothing};
+  auto ce_ps = at::empty({a.students, a.batch}, logits.options().dtype(acc));
+  auto kl_ps = at::empty({a.students, a.batch}, logits.options().dtype(acc));
+  auto grad = compute_grad ? at::empty({a.students, a.batch, classes}, logits.options())
+                           : at::empty({0}, logits.options());
+
+  const at::Tensor grad_or_undefined = compute_grad ? grad : at::Tensor();
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2()) {
+    avx2::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, ce_ps, kl_ps);
+  } else
+#endif
+  {
+    baseline::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, ce_ps, kl_ps);
+  }
+  // Batch means in a fixed order, so results do not depend on the thread count.
+  auto ce = ce_ps.sum(1).div_(a.batch).mul_(ce_weight);
+  auto kl = kl_ps.sum(1).div_(a.batch).mul_(kd_weight * temperature * temperature);
+  return {ce + kl, ce, kl, grad};
+}
+
+template <typename scalar_t, typename acc_t>
+void scale_row(const scalar_t* src, acc_t scale, scalar_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<scalar_t>(scale * static_cast<acc_t>(src[e]));
+}
+
+at::Tensor mutual_distillation_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& saved_grad,
+                                            int64_t num_rows) {
+  check_mutual_distillation_backward_inputs(grad_loss, saved_grad, num_rows);
+  const int64_t students = saved_grad.size(0);
+  const auto saved = saved_grad.contiguous();
+  const auto scale = grad_loss.to(acc_dtype(saved.scalar_type())).contiguous();
+  auto out = at::empty({num_rows, saved.size(1), saved.size(2)}, saved.options());
+  const int64_t row = saved.size(1) * saved.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "mutual_distillation_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = saved.const_data_ptr<scalar_t>();
+    const acc_t* g = scale.const_data_ptr<acc_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    // Chunks of one row's elements, so the row (and its scale) is fixed inside each inner loop.
+    constexpr int64_t kChunk = 4096;
+    const int64_t chunks_per_row = (row + kChunk - 1) / kChunk;
+    at::parallel_for(0, num_rows * chunks_per_row, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t m = i / chunks_per_row, lo = m * row + (i % chunks_per_row) * kChunk;
+        const int64_t hi = std::min(lo + kChunk, (m + 1) * row);
+        if (m >= students) {
+          std::fill(dst + lo, dst + hi, scalar_t(0));
+          continue;
+        }
+        scale_row(src + lo, g[m], dst + lo, hi - lo);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lsgan_forward_cpu(const at::Tensor& d_own_in, const at::Tensor& d_peer_in,
+                                                     double real_label, double fake_label) {
+  check_lsgan_inputs(d_own_in, d_peer_in, real_label, fake_label);
+  const auto own = d_own_in.contiguous(), peer = d_peer_in.contiguous();
+  const int64_t K = own.size(0), B = own.size(1);
+  const auto acc = acc_dtype(own.scalar_type());
+  auto g_loss = at::empty({K}, own.options().dtype(acc));
+  auto d_loss = at::empty({K}, own.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, own.scalar_type(), "lsgan_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* o = own.data_ptr<scalar_t>();
+    const scalar_t* p = peer.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      acc_t g = 0, d = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const auto t = lsgan_terms<acc_t>(o[k * B + b], p[k * B + b], acc_t(real_label), acc_t(fake_label));
+        g += t.g;
+        d += t.d;
+      }
+      g_loss.data_ptr<acc_t>()[k] = g / acc_t(B);
+      d_loss.data_ptr<acc_t>()[k] = d / acc_t(B);
+    }
+  });
+  return {g_loss, d_loss};
+}
+
+std::tuple<at::Tensor, at::Tensor> lsgan_backward_cpu(const at::Tensor& grad_g_in, const at::Tensor& grad_d_in,
+                                                      const at::Tensor& d_own_in, const at::Tensor& d_peer_in,
+                                                      double real_label, double fake_label) {
+  check_lsgan_inputs(d_own_in, d_peer_in, real_label, fake_label);
+  check_lsgan_backward_inputs(grad_g_in, grad_d_in, d_own_in);
+  const auto own = d_own_in.contiguous(), peer = d_peer_in.contiguous();
+  const auto acc = acc_dtype(own.scalar_type());
+  const auto grad_g = grad_g_in.to(acc).contiguous(), grad_d = grad_d_in.to(acc).contiguous();
+  const int64_t K = own.size(0), B = own.size(1);
+  auto grad_own = at::empty_like(own), grad_peer = at::empty_like(peer);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, own.scalar_type(), "lsgan_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* o = own.data_ptr<scalar_t>();
+    const scalar_t* p = peer.data_ptr<scalar_t>();
+    const acc_t* gg = grad_g.data_ptr<acc_t>();
+    const acc_t* gd = grad_d.data_ptr<acc_t>();
+    scalar_t* go = grad_own.data_ptr<scalar_t>();
+    scalar_t* gp = grad_peer.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < K * B; ++i) {
+      acc_t d_o, d_p;
+      lsgan_grads<acc_t>(o[i], p[i], acc_t(real_label), acc_t(fake_label), gg[i / B], gd[i / B],
+                         acc_t(1) / acc_t(B), &d_o, &d_p);
+      go[i] = static_cast<scalar_t>(d_o);
+      gp[i] = static_cast<scalar_t>(d_p);
+    }
+  });
+  return {grad_own, grad_peer};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(afd_fast, CPU, m) {
+  m.impl("mutual_distillation_forward", &mutual_distillation_forward_cpu);
+  m.impl("mutual_distillation_backward", &mutual_distillation_backward_cpu);
+  m.impl("lsgan_forward", &lsgan_forward_cpu);
+  m.impl("lsgan_backward", &lsgan_backward_cpu);
+}
+
+}  // namespace afd
