@@ -9,10 +9,28 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _cuda_toolkit_root() -> str | None:
+    """torch guesses the toolkit as dirname(dirname(which nvcc)); where nvcc is a wrapper or a link
+    (e.g. /usr/local/bin/nvcc -> /usr/local/cuda-13.0) that root has no lib64/libcudart.so."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += sorted(glob.glob("/usr/local/cuda*"))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "lib64", "libcudart.so")) and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and _cuda_toolkit_root():
+    os.environ["CUDA_HOME"] = _cuda_toolkit_root()
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -fopenmp: at::parallel_for runs serially without it. -fno-trapping-math lets GCC turn the
@@ -47,7 +65,8 @@ def _cuda_include_dirs() -> list[str]:
 
 def _nvcc_flags() -> list[str]:
     archs = os.environ.get("AFD_FAST_CUDA_ARCHS", "8.0;9.0")
-    flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    # --threads: the per-architecture compilations run in parallel.
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "--threads=0"]
     for arch in filter(None, archs.replace(",", ";").split(";")):
         cc = arch.replace(".", "").replace("+PTX", "")
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")

@@ -75,6 +75,47 @@ AFD_HD acc_t sigmoid(acc_t x) {
   return x > acc_t(0) ? one / (one + e) : e / (one + e);
 }
 
+// Running statistics of one row, read once in any order (the GPU kernel's single pass):
+// max, sum exp(z - max), sum exp((z - max) / T) and sum z (for label smoothing).
+template <typename acc_t>
+struct OnlineRowStats {
+  acc_t max, sum1, sum_t, sum_z;
+};
+
+template <typename acc_t>
+AFD_HD OnlineRowStats<acc_t> online_row_stats_empty() {
+  return {-INFINITY, acc_t(0), acc_t(0), acc_t(0)};
+}
+
+// exp(a - b) for a <= b, exactly 1 when a == b (also when both are infinite, where the
+// difference would be NaN); NaN stays NaN.
+template <typename acc_t>
+AFD_HD acc_t exp_diff(acc_t a, acc_t b, acc_t inv_t) {
+  return a == b ? acc_t(1) : exp_nonpos((a - b) * inv_t);
+}
+
+template <typename acc_t>
+AFD_HD void online_row_stats_add(OnlineRowStats<acc_t>& s, acc_t z, acc_t inv_t) {
+  s.sum_z += z;
+  if (z > s.max) {
+    s.sum1 = s.sum1 * exp_diff(s.max, z, acc_t(1)) + acc_t(1);
+    s.sum_t = s.sum_t * exp_diff(s.max, z, inv_t) + acc_t(1);
+    s.max = z;
+  } else {
+    s.sum1 += exp_diff(z, s.max, acc_t(1));
+    s.sum_t += exp_diff(z, s.max, inv_t);
+  }
+}
+
+template <typename acc_t>
+AFD_HD OnlineRowStats<acc_t> online_row_stats_merge(const OnlineRowStats<acc_t>& a,
+                                                    const OnlineRowStats<acc_t>& b, acc_t inv_t) {
+  const acc_t mx = b.max > a.max ? b.max : a.max;
+  return {mx, a.sum1 * exp_diff(a.max, mx, acc_t(1)) + b.sum1 * exp_diff(b.max, mx, acc_t(1)),
+          a.sum_t * exp_diff(a.max, mx, inv_t) + b.sum_t * exp_diff(b.max, mx, inv_t),
+          a.sum_z + b.sum_z};
+}
+
 // Cross-entropy of one sample from its row statistics: lse = max + log(sum exp(z - max)).
 template <typename acc_t>
 AFD_HD acc_t cross_entropy(acc_t lse, acc_t z_target, acc_t mean_z, acc_t eps) {

@@ -8,7 +8,7 @@ namespace afd {
 
 // Largest number of logit rows (students + teacher-only rows) one call accepts; the CUDA kernel
 // keeps per-row statistics on chip.
-constexpr int64_t kMaxRows = 16;
+constexpr int64_t kMaxRows = 8;
 
 inline void check_logits_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
