@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SplitNetwork(nn.Module):
+    """A classifier as G (``features``: image -> last conv feature map) and ``head`` (-> logits)."""
+
+    feature_channels: int
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature_map = self.features(x)
+        return feature_map, self.head(feature_map)
+
+    def extractor_parameters(self) -> list[nn.Parameter]:
+        """Parameters of G: everything but the head (these get the adversarial L_G gradient)."""
+        head = {id(p) for p in self.head_parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights in the layout of the plain model (torchvision's, or this module's own)."""
+        return self.state_dict()

@@ -1,0 +1,122 @@
+"""The paper's CIFAR networks: ResNet-20/32/56/110 (He et al., 2016) and WRN-d-k (Zagoruyko &
+Komodakis, 2016), feature map = output of the last stage (64 or 64k channels, 8x8 at 32 px)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afd_fast.models.base import SplitNetwork
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = _conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = _conv3x3(cout, cout), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(SplitNetwork):
+    def __init__(self, depth: int, num_classes: int):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1, self.bn1 = _conv3x3(3, 16), nn.BatchNorm2d(16)
+        stages, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(64, num_classes)
+        self.feature_channels = 64
+        _init(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.fc.parameters())
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block of a wide ResNet."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv3x3(cin, cout, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), _conv3x3(cout, cout)
+        self.shortcut = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideResNet(SplitNetwork):
+    def __init__(self, depth: int, width: int, num_classes: int):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16 * width, 32 * width, 64 * width]
+        self.conv1 = _conv3x3(3, 16)
+        stages, cin = [], 16
+        for cout, stride in zip(widths, (1, 2, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(WideBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(widths[-1])
+        self.fc = nn.Linear(widths[-1], num_classes)
+        self.feature_channels = widths[-1]
+        _init(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return F.relu(self.bn(x))
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.fc.parameters())
+
+
+def _init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+CIFAR_NETWORKS = {
+    **{f"resnet{d}": (lambda num_classes, d=d: CifarResNet(d, num_classes)) for d in (20, 32, 56, 110)},
+    **{f"wrn-{d}-{k}": (lambda num_classes, d=d, k=k: WideResNet(d, k, num_classes))
+       for d, k in ((16, 2), (16, 4), (28, 2), (28, 4), (28, 10))},
+}
