@@ -159,7 +159,7 @@ class AFDModel(nn.Module):
             # taken only w.r.t. its own parameters (DESIGN §4).
             d_own = torch.stack([d(t[i]) for i, d in enumerate(self.discriminators)])
             d_peer = torch.stack([d(t[peer_of(i, k)].detach()) for i, d in enumerate(self.discriminators)])
-            g_loss, d_loss = ops.lsgan_loss(d_own.float(), d_peer.float())
+            g_loss, d_loss = ops.lsgan_loss(d_own, d_peer)
             out.update(generator=g_loss.sum(), discriminator=d_loss.sum(), g_loss=g_loss.detach(),
                        d_loss=d_loss.detach(), d_own=d_own.detach(), d_peer=d_peer.detach())
         return out

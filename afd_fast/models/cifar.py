@@ -34,14 +34,7 @@ class CifarResNet(SplitNetwork):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.conv1, self.bn1 = _conv3x3(3, 16), nn.BatchNorm2d(16)
-        stages, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = _stages(BasicBlock, 16, (16, 32, 64), n)
         self.fc = nn.Linear(64, num_classes)
         self.feature_channels = 64
         _init(self)
@@ -80,14 +73,7 @@ class WideResNet(SplitNetwork):
         n = (depth - 4) // 6
         widths = [16 * width, 32 * width, 64 * width]
         self.conv1 = _conv3x3(3, 16)
-        stages, cin = [], 16
-        for cout, stride in zip(widths, (1, 2, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(WideBlock(cin, cout, stride if i == 0 else 1))
-                cin = cout
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = _stages(WideBlock, 16, widths, n)
         self.bn = nn.BatchNorm2d(widths[-1])
         self.fc = nn.Linear(widths[-1], num_classes)
         self.feature_channels = widths[-1]
@@ -102,6 +88,18 @@ class WideResNet(SplitNetwork):
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.fc.parameters())
+
+
+def _stages(block, cin: int, widths, blocks_per_stage: int) -> list[nn.Sequential]:
+    """Three stages of blocks; the first block of stages 2 and 3 halves the spatial size."""
+    stages = []
+    for cout, stride in zip(widths, (1, 2, 2)):
+        blocks = []
+        for i in range(blocks_per_stage):
+            blocks.append(block(cin, cout, stride if i == 0 else 1))
+            cin = cout
+        stages.append(nn.Sequential(*blocks))
+    return stages
 
 
 def _init(module: nn.Module) -> None:

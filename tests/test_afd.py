@@ -1,0 +1,185 @@
+"""The AFD method (afd_fast.afd) and its networks (afd_fast.models)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from afd_fast import afd, reference
+from afd_fast.models import NETWORKS, build_network
+
+
+def _batch(n=6, size=32, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in NETWORKS if not n.startswith("wrn-28")))
+def test_networks_split_into_features_and_head(name):
+    size = 64 if name in ("resnet18", "resnet34", "resnet50") else 32
+    net = build_network(name, 10)
+    x, _ = _batch(2, size)
+    fmap, logits = net(x)
+    assert fmap.shape[:2] == (2, net.feature_channels) and logits.shape == (2, 10)
+    torch.testing.assert_close(net.head(net.features(x)), logits)
+    head = {id(p) for p in net.head_parameters()}
+    assert len(net.extractor_parameters()) + len(head) == len(list(net.parameters()))
+
+
+def test_unknown_network_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown network 'resnet19'; known networks: .*resnet18.*wrn-16-2"):
+        build_network("resnet19", 10)
+
+
+def test_plain_state_dict_loads_into_torchvision():
+    net = build_network("resnet18", 7)
+    plain = torchvision.models.resnet18(num_classes=7)
+    plain.load_state_dict(net.plain_state_dict())
+    x, _ = _batch(2, 64)
+    net.eval(), plain.eval()
+    torch.testing.assert_close(plain(x), net(x)[1])
+
+
+def _handwritten_step(model, images, target, lr, adv_lr):
+    """DESIGN §1 spelled out with the reference losses and autograd.grad."""
+    k = len(model.networks)
+    t_ = model.temperature
+    maps, logits = zip(*(n(images) for n in model.networks))
+    peer = [(i - 1) % k for i in range(k)]
+    logit_loss = sum(F.cross_entropy(logits[i], target)
+                     + t_ * t_ * F.kl_div(F.log_softmax(logits[i] / t_, 1),
+                                          F.softmax(logits[peer[i]] / t_, 1).detach(), reduction="batchmean")
+                     for i in range(k))
+    t = [tr(m) for tr, m in zip(model.transfers, maps)]
+    s = torch.sigmoid
+    g_loss = sum(((1 - s(d(t[i]))) ** 2).mean() for i, d in enumerate(model.discriminators))
+    d_loss = sum(((1 - s(d(t[peer[i]].detach()))) ** 2 + s(d(t[i].detach())) ** 2).mean()
+                 for i, d in enumerate(model.discriminators))
+    nets = [p for n in model.networks for p in n.parameters()]
+    gens = [p for n in model.networks for p in n.extractor_parameters()] + list(model.transfers.parameters())
+    discs = list(model.discriminators.parameters())
+    ga = torch.autograd.grad(logit_loss, nets, retain_graph=True)
+    gb = torch.autograd.grad(g_loss, gens, retain_graph=True, allow_unused=True)
+    gc = torch.autograd.grad(d_loss, discs)
+    for params, grads, opt in ((nets, ga, torch.optim.SGD(nets, lr=lr, momentum=0.9, weight_decay=1e-4)),
+                               (gens, gb, torch.optim.Adam(gens, lr=adv_lr, weight_decay=0.1)),
+                               (discs, gc, torch.optim.Adam(discs, lr=adv_lr, weight_decay=0.1))):
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        opt.step()
+        for p in params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("names", [("resnet20", "resnet20"), ("wrn-16-2", "wrn-16-4"),
+                                   ("resnet20", "resnet20", "wrn-16-1")], ids="-".join)
+def test_dual_step_equals_handwritten_step(names):
+    if "wrn-16-1" in names:
+        from afd_fast.models.cifar import WideResNet
+        networks = [build_network(n, 10) if n != "wrn-16-1" else WideResNet(16, 1, 10) for n in names]
+    else:
+        networks = [build_network(n, 10) for n in names]
+    torch.manual_seed(0)
+    # float64: Adam's first step is about lr * sign(g), so float32 rounding in near-zero gradients
+    # would decide the comparison.
+    model = afd.AFDModel(networks, method="afd", topology="cyclic", image_size=32).double()
+    twin = copy.deepcopy(model)
+    images, target = _batch(6)
+    images = images.double()
+    step = afd.DualStep(model, lr=0.1, adv_lr=1e-3)
+    step(images, target)
+    _handwritten_step(twin, images, target, lr=0.1, adv_lr=1e-3)
+    named_twin = dict(twin.named_parameters())
+    changed = 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, named_twin[name], rtol=1e-7, atol=1e-9, msg=name)
+        changed += 1
+    assert changed == len(list(twin.parameters()))
+
+
+def test_step_moves_every_parameter_group():
+    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair")
+    before = copy.deepcopy(model)
+    afd.DualStep(model, adv_lr=1e-3)(*_batch(6))
+    for group in ("networks", "transfers", "discriminators"):
+        params = list(getattr(model, group).parameters())
+        old = list(getattr(before, group).parameters())
+        assert all(not torch.equal(a, b) for a, b in zip(params, old)) or not params, group
+    assert len(list(model.discriminators.parameters())) > 0
+
+
+def test_discriminator_learns_own_is_fake_and_peer_is_real():
+    torch.manual_seed(1)
+    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair")
+    images, target = _batch(16, seed=3)
+    optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=1e-3)
+    for _ in range(60):  # networks frozen: only the discriminators learn
+        losses = model(images, target)
+        (grads,) = [g for _, g in afd.gradient_sets(model, losses)[2:]]
+        for p, g in zip(model.discriminator_parameters(), grads):
+            p.grad = g
+        optimizer.step()
+    model.eval()
+    losses = model(images, target)
+    own, peer = torch.sigmoid(losses["d_own"]), torch.sigmoid(losses["d_peer"])
+    for k in range(2):
+        assert peer[k].mean() > 0.5 > own[k].mean(), (k, peer[k].mean(), own[k].mean())
+    # L_G pushes the own map towards "real": a small step against its gradient raises D_k(own).
+    with torch.no_grad():
+        fmap = model.networks[0].features(images)
+    fmap.requires_grad_()
+    d = model.discriminators[0]
+    g_loss = reference.lsgan_loss(d(fmap)[None], d(fmap)[None].detach())[0].sum()
+    (grad,) = torch.autograd.grad(g_loss, fmap)
+    with torch.no_grad():
+        assert torch.sigmoid(d(fmap - 0.1 * grad / grad.norm())).mean() > torch.sigmoid(d(fmap)).mean()
+
+
+def test_cyclic_teachers_for_three_networks():
+    assert [afd.peer_of(k, 3) for k in range(3)] == [2, 0, 1]  # 1->2, 2->3, 3->1 in the paper's numbering
+    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="cyclic")
+    expected = torch.zeros(3, 3)
+    expected[0, 2] = expected[1, 0] = expected[2, 1] = 1
+    assert torch.equal(model.peer_weights, expected)
+    model.eval()
+    images, target = _batch(4)
+    losses = model(images, target)
+    maps = [n.features(images) for n in model.networks]
+    for k in range(3):
+        d = model.discriminators[k]
+        torch.testing.assert_close(losses["d_own"][k], d(model.transfers[k](maps[k])))
+        torch.testing.assert_close(losses["d_peer"][k], d(model.transfers[afd.peer_of(k, 3)](maps[afd.peer_of(k, 3)])))
+
+
+def test_transfer_layers_only_where_channels_differ():
+    model = afd.AFDModel([build_network("wrn-16-2", 10), build_network("wrn-16-4", 10)], method="afd", topology="pair")
+    conv, bn, relu = model.transfers[0]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (128, 256, (1, 1))
+    assert isinstance(bn, torch.nn.BatchNorm2d) and isinstance(relu, torch.nn.ReLU)
+    assert isinstance(model.transfers[1], torch.nn.Identity)
+    assert all(d.conv1.in_channels == 256 for d in model.discriminators)
+
+
+@pytest.mark.parametrize("method", afd.METHODS)
+def test_every_method_takes_a_step(method):
+    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method=method, topology="pair")
+    losses = afd.DualStep(model, adv_lr=1e-3)(*_batch(4))
+    assert torch.isfinite(losses["logit"])
+    assert ("generator" in losses) == afd.method_spec(method).adversarial
+    assert ("l1" in losses) == afd.method_spec(method).l1
+    if method in ("vanilla", "l1", "adv-only"):
+        assert torch.all(losses["kl"] == 0)
+    else:
+        assert torch.all(losses["kl"] > 0)
+
+
+def test_bad_method_and_network_count():
+    nets = [build_network("resnet20", 10)]
+    with pytest.raises(ValueError, match="unknown method 'afdd'"):
+        afd.AFDModel(nets * 2, method="afdd")
+    with pytest.raises(ValueError, match="needs at least 2"):
+        afd.AFDModel(nets, method="afd")
+    with pytest.raises(ValueError, match="exactly 2 networks"):
+        afd.AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="pair")
+    afd.AFDModel(nets, method="vanilla")  # one network alone is fine without distillation
