@@ -2,6 +2,8 @@
 // (cpu_kernels.h, baseline or AVX2), batch means, and the small LSGAN and backward kernels.
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "checks.h"
 #define AFD_CPU_ISA baseline
 #include "cpu_kernels.h"
@@ -38,33 +40,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_distillation_f
   const auto logits = logits_in.contiguous();
   const auto target = target_in.to(at::kLong).contiguous();
   const int64_t classes = logits.size(2);
-  if (target.numel() > 0) {
-    const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < classes, "target holds class indices in [", lo, ", ", hi,
-                "], but logits have ", classes, " classes (valid: 0..", classes - 1, ")");
-  }
+  // Plain loops instead of ATen reductions: this op is called every step and its fixed cost counts.
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(y, y + target.numel());
+  TORCH_CHECK(*lo >= 0 && *hi < classes, "target holds class indices in [", *lo, ", ", *hi,
+              "], but logits have ", classes, " classes (valid: 0..", classes - 1, ")");
   const auto acc = acc_dtype(logits.scalar_type());
   const auto weights = weights_in.to(acc).contiguous();
   MutualDistillationArgs a{logits.size(0), weights.size(0), logits.size(1), classes,
                            temperature, ce_weight, kd_weight, label_smoothing};
-  auto ce_ps = at::empty({a.students, a.batch}, logits.options().dtype(acc));
-  auto kl_ps = at::empty({a.students, a.batch}, logits.options().dtype(acc));
+  const auto opts = logits.options().dtype(acc);
+  auto per_sample = at::empty({2, a.students, a.batch}, opts);  // CE and weighted KL of each sample
   auto grad = compute_grad ? at::empty({a.students, a.batch, classes}, logits.options())
                            : at::empty({0}, logits.options());
 
   const at::Tensor grad_or_undefined = compute_grad ? grad : at::Tensor();
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_has_avx2()) {
-    avx2::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, ce_ps, kl_ps);
+    avx2::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, per_sample[0], per_sample[1]);
   } else
 #endif
   {
-    baseline::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, ce_ps, kl_ps);
+    baseline::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, per_sample[0], per_sample[1]);
   }
-  // Batch means in a fixed order, so results do not depend on the thread count.
-  auto ce = ce_ps.sum(1).div_(a.batch).mul_(ce_weight);
-  auto kl = kl_ps.sum(1).div_(a.batch).mul_(kd_weight * temperature * temperature);
-  return {ce + kl, ce, kl, grad};
+  // Batch means in a fixed order (double sums), so results do not depend on the thread count.
+  auto loss = at::empty({a.students}, opts), ce = at::empty({a.students}, opts), kl = at::empty({a.students}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "mutual_distillation_batch_means", [&] {
+    const scalar_t* ps = per_sample.const_data_ptr<scalar_t>();
+    const int64_t K = a.students, B = a.batch;
+    for (int64_t k = 0; k < K; ++k) {
+      double ce_sum = 0, kl_sum = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        ce_sum += ps[k * B + b];
+        kl_sum += ps[(K + k) * B + b];
+      }
+      const auto ce_k = static_cast<scalar_t>(ce_weight * ce_sum / B);
+      const auto kl_k = static_cast<scalar_t>(kd_weight * temperature * temperature * kl_sum / B);
+      ce.mutable_data_ptr<scalar_t>()[k] = ce_k;
+      kl.mutable_data_ptr<scalar_t>()[k] = kl_k;
+      loss.mutable_data_ptr<scalar_t>()[k] = ce_k + kl_k;
+    }
+  });
+  return {loss, ce, kl, grad};
 }
 
 template <typename scalar_t, typename acc_t>

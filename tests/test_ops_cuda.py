@@ -107,8 +107,11 @@ def test_bad_target_gives_nan_not_a_crash():
 def test_non_finite_logits(bad):
     logits, target, weights = make_case(3, 3, 4, 20, "cyclic", dtype=torch.bfloat16, device=DEV)
     logits[0, 1, (target[1] + 1) % 20] = bad
-    loss, _, _ = ops.mutual_distillation_loss(logits, target, weights)
+    x = logits.clone().requires_grad_()
+    loss, _, _ = ops.mutual_distillation_loss(x, target, weights)
     assert not torch.isfinite(loss[0]) and not torch.isfinite(loss[1]) and torch.isfinite(loss[2])
+    loss[2].backward()  # network 2 learns from network 1 only: W[2, 0] = 0 keeps row 0's NaN out
+    assert torch.isfinite(x.grad).all()
 
 
 def test_device_mismatch_is_an_error():

@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "afd_math.h"
 #include "checks.h"
 
@@ -106,6 +108,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = threadIdx.x; i < p.students * p.rows; i += kThreads) w_smem[i] = weights[i];
   __syncthreads();
 
+  // With group == kThreads the grid has exactly B blocks, so the whole block shares b < B and the
+  // barriers inside the group reductions below are reached by every thread.
   const int samples_per_block = kThreads / p.group;
   const int lane = threadIdx.x % p.group;
   const int64_t b = int64_t(blockIdx.x) * samples_per_block + threadIdx.x / p.group;
@@ -142,7 +146,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t y = target[b];
         const bool valid = y >= 0 && y < C;  // no host check on CUDA: a bad index gives NaN
         const acc_t z_y = valid ? static_cast<acc_t>(row_ptr[m][y]) : acc_t(NAN);
-        ce_ps[m * p.batch + b] = cross_entropy(s.max + ::log(s.sum1), z_y, s.sum_z / acc_t(C), p.eps);
+        const acc_t mean_z = p.eps == acc_t(0) ? acc_t(0) : s.sum_z / acc_t(C);  // as on the CPU
+        ce_ps[m * p.batch + b] = cross_entropy(s.max + ::log(s.sum1), z_y, mean_z, p.eps);
       }
     }
 
@@ -184,8 +189,9 @@ __global__ void __launch_bounds__(kThreads)
           for (int j = 0; j < MAX_ROWS; ++j) {
             if (j >= p.rows) break;
             const acc_t w = w_smem[k * p.rows + j];
+            if (w == acc_t(0)) continue;  // as on the CPU: a non-finite row with weight 0 stays out
             mix += w * q[j];
-            kl += w == acc_t(0) ? acc_t(0) : w * kl_term(q[j], log_q[j], log_q[k]);
+            kl += w * kl_term(q[j], log_q[j], log_q[k]);
           }
           kl_acc[k] += kl;
           if (grad != nullptr) {
@@ -243,7 +249,9 @@ void launch_mutual_distillation(const at::Tensor& logits, const at::Tensor& targ
                                 const at::Tensor& counter, const at::Tensor& loss, const at::Tensor& ce,
                                 const at::Tensor& kl) {
   const int samples_per_block = kThreads / p.group;
-  const auto blocks = static_cast<unsigned int>((p.batch + samples_per_block - 1) / samples_per_block);
+  const int64_t num_blocks = (p.batch + samples_per_block - 1) / samples_per_block;
+  TORCH_CHECK(num_blocks <= std::numeric_limits<int32_t>::max(), "batch of ", p.batch, " samples is too large");
+  const auto blocks = static_cast<unsigned int>(num_blocks);
   auto stream = at::cuda::getCurrentCUDAStream();
   acc_t* ws = work.mutable_data_ptr<acc_t>();
   mutual_distillation_forward_kernel<scalar_t, acc_t, VEC, MAX_ROWS><<<blocks, kThreads, 0, stream>>>(
