@@ -30,3 +30,6 @@ class SplitNetwork(nn.Module):
     def plain_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights in the layout of the plain model (torchvision's, or this module's own)."""
         return self.state_dict()
+
+    def load_plain_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)

@@ -29,6 +29,9 @@ class TorchvisionResNet(SplitNetwork):
         """Loads into ``torchvision.models.<arch>(num_classes=...)``."""
         return self.model.state_dict()
 
+    def load_plain_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
 
 IMAGENET_NETWORKS = {
     arch: (lambda num_classes, arch=arch: TorchvisionResNet(arch, num_classes))

@@ -1,0 +1,121 @@
+"""The trainer CLI (afd_fast.train) end to end on small real JPEG folders, on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from afd_fast import afd, train
+from afd_fast.data import synthetic_image_folder
+from afd_fast.models import build_network
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return synthetic_image_folder(str(tmp_path_factory.mktemp("data") / "tiny"), num_classes=4,
+                                  train_per_class=16, val_per_class=6, size=32)
+
+
+def _run(tmp_path, data, *extra):
+    out = str(tmp_path / "out")
+    argv = ["--data", data, "--output", out, "--workers", "0", "--batch-size", "8", "--epochs", "1",
+            "--print-every", "1000", *extra]
+    return train.main(argv), out
+
+
+@pytest.mark.parametrize("method", afd.METHODS)
+def test_every_method_trains_end_to_end(tmp_path, tiny_data, method):
+    summary, out = _run(tmp_path, tiny_data, "--method", method, "--max-steps", "3")
+    assert summary["method"] == method and summary["steps"] == 3
+    for key in ("net0_top1", "net1_top1", "ensemble_top1", "ensemble_top5"):
+        assert 0 <= summary[key] <= 100
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 3
+    for name in ("summary.json", "last.pt", "best.pt", "curves.png", "network0_resnet20.pt", "network1_resnet20.pt"):
+        assert os.path.exists(os.path.join(out, name)), name
+
+
+def test_exported_network_loads_into_the_plain_model(tmp_path, tiny_data):
+    _, out = _run(tmp_path, tiny_data, "--arch", "resnet20,wrn-16-2", "--max-steps", "2")
+    plain = build_network("wrn-16-2", 4)
+    plain.load_state_dict(torch.load(os.path.join(out, "network1_wrn-16-2.pt"), weights_only=True))
+
+
+def test_three_networks_cyclic(tmp_path, tiny_data):
+    summary, _ = _run(tmp_path, tiny_data, "--arch", "resnet20,resnet20,resnet20", "--max-steps", "2")
+    assert summary["topology"] == "cyclic" and "net2_top1" in summary
+
+
+def test_resume_equals_uninterrupted_training(tmp_path, tiny_data):
+    common = ["--arch", "resnet20,resnet20", "--seed", "3"]
+    full, _ = _run(tmp_path / "a", tiny_data, *common, "--epochs", "2")
+    _run(tmp_path / "b", tiny_data, *common, "--epochs", "1")
+    resumed, _ = _run(tmp_path / "b", tiny_data, *common, "--epochs", "2", "--resume")
+    for key in ("img_per_s",):
+        full.pop(key), resumed.pop(key)
+    assert resumed == full
+    a = torch.load(tmp_path / "a" / "out" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "out" / "last.pt", weights_only=True)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path, tiny_data):
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite \w+ by step \d+ for network \d \(resnet20\)"):
+        _run(tmp_path, tiny_data, "--lr", "1e12", "--max-steps", "20", "--method", "dml", "--print-every", "1")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--arch", "resnet19,resnet20"], "unknown network 'resnet19'; known networks"),
+    (["--arch", "resnet20"], "distils between networks: give at least 2"),
+    (["--method", "afdx"], "invalid choice: 'afdx'"),
+    (["--arch", "resnet20,resnet20,resnet20", "--topology", "pair"], "exactly 2 networks"),
+    (["--data", "/nonexistent/imagenet"], "is not a folder"),
+    (["--pretrained", "/nonexistent.pt,/nonexistent.pt"], "does not exist"),
+    (["--sync-bn", "--device", "cpu"], "--sync-bn needs --device cuda"),
+])
+def test_bad_arguments_fail_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint(tmp_path, tiny_data):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        _run(tmp_path, tiny_data, "--resume")
+
+
+def test_data_folder_without_splits(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no val/ folder"):
+        _run(tmp_path, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_readme_main_command_default_data(tmp_path):
+    """`python -m afd_fast.train` with no --data: synthetic set, trains well above chance (10%)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "afd_fast.train", "--output", str(out), "--workers", "0"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "img/s" in proc.stdout and "ETA" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ensemble_top1"] > 40, summary
+
+
+IMAGENETTE = os.environ.get("AFD_FAST_IMAGENETTE", os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenette-mini"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(IMAGENETTE), reason=f"no imagenette-mini at {IMAGENETTE}")
+def test_real_imagenet_jpegs_train_above_chance(tmp_path):
+    """Real ImageNet JPEGs (10 classes, chance = 10%): a short AFD run at 32 px learns."""
+    summary, _ = _run(tmp_path, IMAGENETTE, "--epochs", "3", "--batch-size", "32", "--image-size", "32",
+                      "--lr", "0.05", "--adv-lr", "2e-4", "--workers", "2")
+    assert summary["val_images"] == 500
+    assert summary["ensemble_top1"] > 20, summary
