@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from afd_fast import afd, train
+from afd_fast.data import BadDataError
 from afd_fast.data import synthetic_image_folder
 from afd_fast.models import build_network
 
@@ -43,6 +44,20 @@ def test_exported_network_loads_into_the_plain_model(tmp_path, tiny_data):
     _, out = _run(tmp_path, tiny_data, "--arch", "resnet20,wrn-16-2", "--max-steps", "2")
     plain = build_network("wrn-16-2", 4)
     plain.load_state_dict(torch.load(os.path.join(out, "network1_wrn-16-2.pt"), weights_only=True))
+
+
+def test_pretrained_weights_are_loaded(tmp_path, tiny_data):
+    _, first = _run(tmp_path / "a", tiny_data, "--max-steps", "2")
+    files = [os.path.join(first, f"network{i}_resnet20.pt") for i in range(2)]
+    # lr 0 and no adversarial term: the weights stay the loaded ones (batch-norm buffers still move)
+    _, second = _run(tmp_path / "b", tiny_data, "--max-steps", "1", "--method", "vanilla", "--lr", "0",
+                     "--pretrained", ",".join(files))
+    for i in range(2):
+        loaded = torch.load(files[i], weights_only=True)
+        after = torch.load(os.path.join(second, f"network{i}_resnet20.pt"), weights_only=True)
+        for name in loaded:
+            if "running" not in name and "num_batches" not in name:
+                assert torch.equal(loaded[name], after[name]), name
 
 
 def test_three_networks_cyclic(tmp_path, tiny_data):
@@ -91,8 +106,19 @@ def test_resume_without_checkpoint(tmp_path, tiny_data):
 
 def test_data_folder_without_splits(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="has no val/ folder"):
+    (tmp_path / "train" / "a" / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    with pytest.raises(BadDataError, match=r"val' does not exist"):
         _run(tmp_path, str(tmp_path))
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_both_loaders_train_and_resume_exactly(tmp_path, tiny_data, loader):
+    common = ["--seed", "1", "--loader", loader, "--batch-size", "16"]
+    full, _ = _run(tmp_path / "a", tiny_data, *common, "--epochs", "2")
+    _run(tmp_path / "b", tiny_data, *common, "--epochs", "1")
+    resumed, _ = _run(tmp_path / "b", tiny_data, *common, "--epochs", "2", "--resume")
+    full.pop("img_per_s"), resumed.pop("img_per_s")
+    assert resumed == full and full["steps"] == 2 * (64 // 16)
 
 
 @pytest.mark.slow

@@ -1,62 +1,110 @@
-"""Data for the trainer: ImageNet-layout folders (``train/<class>/``, ``val/<class>/``) and the
-embedded synthetic default. This is the torchvision ``DataLoader`` path; the DALI pipelines of the
-data issue plug in behind ``build_loaders``."""
+"""Data for the trainer: ImageNet-layout folders (``train/<class>/``, ``val/<class>/``) through
+NVIDIA DALI when it is installed (GPU decode on a GPU, CPU-only pipelines without one), else a
+torchvision ``DataLoader`` with the same augmentations; and the embedded synthetic default."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
+from afd_fast.data.dali import DALILoader, dali_available
+from afd_fast.data.folder import BadDataError, FileList, list_image_folder
 from afd_fast.data.synthetic import synthetic_image_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BACKENDS = ("auto", "dali", "torch")
 
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
-    train_sampler: DistributedSampler
-    num_classes: int
+    """``train_epoch(e)``: this process's batches of epoch e (the same whether or not the run was
+    resumed); ``val``: this process's share of the validation set, every image once overall."""
+
+    train_epoch: Callable[[int], Iterable]
+    val: Iterable
+    steps_per_epoch: int
+    train_size: int
     classes: list[str]
+    backend: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
-def check_image_folder(root: str) -> None:
-    """A clear error, before any work, for a path that is not an ImageNet-layout folder."""
+def build_loaders(root: str, image_size: int, batch_size: int, workers: int, seed: int, rank: int = 0,
+                  world_size: int = 1, backend: str = "auto", device_id: int | None = None,
+                  skip_bad: bool = False) -> Loaders:
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data folder {root!r} does not exist")
-    for split in ("train", "val"):
-        path = os.path.join(root, split)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{root!r} has no {split}/ folder: expected {split}/<class>/<image> (ImageNet layout)")
-        classes = [d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))]
-        if not classes:
-            raise FileNotFoundError(f"{path!r} has no class folders: expected {split}/<class>/<image>")
+        raise BadDataError(f"data folder {root!r} does not exist")
+    train_list = list_image_folder(os.path.join(root, "train"), skip_bad)
+    val_list = list_image_folder(os.path.join(root, "val"), skip_bad)
+    if val_list.classes != train_list.classes:
+        raise BadDataError(f"train/ and val/ of {root!r} have different class folders")
+    skipped = len(train_list.skipped) + len(val_list.skipped)
+    if skipped and rank == 0:
+        print(f"skipped {skipped} unreadable or non-image files under {root!r}", file=sys.stderr)
+    if backend == "auto":
+        backend = "dali" if dali_available() else "torch"
+        if backend == "torch" and rank == 0:
+            print("NVIDIA DALI is not installed: using the torchvision DataLoader "
+                  "(pip install nvidia-dali-cuda130 is faster)", file=sys.stderr)
+    if backend == "dali":
+        return _dali_loaders(train_list, val_list, image_size, batch_size, workers, seed, rank, world_size, device_id)
+    return _torch_loaders(train_list, val_list, image_size, batch_size, workers, seed, rank, world_size)
 
 
-def build_loaders(root: str, image_size: int, batch_size: int, workers: int, seed: int,
-                  rank: int = 0, world_size: int = 1) -> Loaders:
-    check_image_folder(root)
+def _dali_loaders(train_list: FileList, val_list: FileList, image_size, batch_size, workers, seed, rank, world,
+                  device_id) -> Loaders:
+    threads = max(workers, 1)
+
+    def train_epoch(epoch: int):
+        return DALILoader(train_list, image_size, batch_size, train=True, seed=seed, epoch=epoch, shard_id=rank,
+                          num_shards=world, device_id=device_id, threads=threads)
+
+    val = DALILoader(val_list, image_size, batch_size, train=False, shard_id=rank, num_shards=world,
+                     device_id=device_id, threads=threads)
+    # every shard runs the same number of steps: the smallest shard's count of full batches
+    steps = (len(train_list.files) // world) // batch_size
+    return Loaders(train_epoch, val, steps, len(train_list.files), train_list.classes, "dali")
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, file_list: FileList, transform):
+        self.file_list, self.transform = file_list, transform
+
+    def __len__(self):
+        return len(self.file_list.files)
+
+    def __getitem__(self, i):
+        return self.transform(datasets.folder.default_loader(self.file_list.files[i])), self.file_list.labels[i]
+
+
+def _torch_loaders(train_list: FileList, val_list: FileList, image_size, batch_size, workers, seed, rank,
+                   world) -> Loaders:
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([transforms.Resize(int(round(image_size / 0.875))), transforms.CenterCrop(image_size),
-                                 transforms.ToTensor(), normalize])
-    train_set = datasets.ImageFolder(os.path.join(root, "train"), train_tf)
-    val_set = datasets.ImageFolder(os.path.join(root, "val"), val_tf)
-    if val_set.classes != train_set.classes:
-        raise ValueError(f"train/ and val/ of {root!r} have different class folders")
+    train_set = _ListDataset(train_list, transforms.Compose([
+        transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]))
+    val_set = _ListDataset(val_list, transforms.Compose([
+        transforms.Resize(int(round(image_size / 0.875))), transforms.CenterCrop(image_size), transforms.ToTensor(),
+        normalize]))
     # The sampler's permutation depends on (seed, epoch) only, which makes resuming exact.
-    train_sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-    # Validation: every image exactly once across processes (a DistributedSampler would pad).
-    val_shard = Subset(val_set, range(rank, len(val_set), world_size))
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=seed, drop_last=True)
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-    train = DataLoader(train_set, batch_size, sampler=train_sampler, drop_last=True, **common)
-    val = DataLoader(val_shard, batch_size, shuffle=False, **common)
-    return Loaders(train, val, train_sampler, len(train_set.classes), train_set.classes)
+    train = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True, **common)
+    # Validation: every image exactly once across processes (a DistributedSampler would pad).
+    val = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size, shuffle=False, **common)
+
+    def train_epoch(epoch: int):
+        sampler.set_epoch(epoch)
+        return train
+
+    return Loaders(train_epoch, val, len(train), len(train_set), train_list.classes, "torch")
 
 
-__all__ = ["Loaders", "build_loaders", "check_image_folder", "synthetic_image_folder"]
+__all__ = ["BACKENDS", "BadDataError", "Loaders", "build_loaders", "list_image_folder", "synthetic_image_folder"]

@@ -1,0 +1,111 @@
+"""NVIDIA DALI pipelines for ImageNet-layout JPEG folders.
+
+Training: sharded ``fn.readers.file`` over a permutation drawn from the run's seed and the epoch,
+``fn.decoders.image_random_crop`` (``mixed`` on a GPU, ``cpu`` without one; area [0.08, 1], aspect
+[3/4, 4/3]), resize to the crop size, random flip, ``crop_mirror_normalize`` with
+``output_layout="HWC"``, so the batch is an NCHW channels-last view with no extra copy.
+Validation: resize the shorter side, centre crop; every image exactly once across processes.
+Without a GPU (``device_id=None``) the same pipeline runs on the CPU."""
+from __future__ import annotations
+
+import torch
+
+from afd_fast.data.folder import FileList
+
+MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DALILoader:
+    """Iterable of ``(images [B, 3, H, W] channels-last, labels [B] int64)`` for one process's shard."""
+
+    def __init__(self, file_list: FileList, image_size: int, batch_size: int, train: bool, seed: int = 0,
+                 epoch: int = 0, shard_id: int = 0, num_shards: int = 1, device_id: int | None = None, threads: int = 4,
+                 prefetch: int = 2, hw_decoder_load: float = 0.65, dtype: torch.dtype = torch.float32,
+                 drop_last: bool = True, with_paths: bool = False):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.dtype, self.with_paths = dtype, with_paths
+        gpu = device_id is not None
+        file_names, file_labels = file_list.files, file_list.labels
+        if train:
+            # One training loader per epoch: the order is a permutation drawn from (seed, epoch), the
+            # same in every process, which the reader then splits into shards; the augmentation
+            # seed depends on (seed, epoch, shard). So epoch e is the same whether or not the run
+            # was resumed before it.
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(file_names), generator=g).tolist()
+            file_names, file_labels = [file_names[i] for i in order], [file_labels[i] for i in order]
+        pipeline_seed = (seed * 1_000_003 + epoch) * 1009 + shard_id
+        mean, std = MEAN_255, STD_255
+
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=pipeline_seed % 2**31,
+                      prefetch_queue_depth=prefetch)
+        def pipeline():
+            jpegs, labels = fn.readers.file(
+                files=file_names, labels=file_labels, shard_id=shard_id, num_shards=num_shards,
+                pad_last_batch=not train, name="Reader")
+            extra = {"hw_decoder_load": hw_decoder_load} if gpu else {}
+            if train:
+                images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                                       random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                                       **extra)
+                images = fn.resize(images, resize_x=image_size, resize_y=image_size)
+                mirror = fn.random.coin_flip(probability=0.5)
+            else:
+                images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB, **extra)
+                images = fn.resize(images, resize_shorter=int(round(image_size / 0.875)))
+                mirror = 0
+            images = fn.crop_mirror_normalize(images, dtype=getattr(types, _DTYPES[dtype]), output_layout="HWC",
+                                              crop=(image_size, image_size), mean=mean, std=std, mirror=mirror)
+            outputs = [images, labels.gpu() if gpu else labels]
+            if with_paths:  # tests: the file each sample came from
+                outputs.append(fn.get_property(jpegs, key="source_info"))
+            return tuple(outputs)
+
+        self.pipe = pipeline()
+        self.pipe.build()
+        self.shard_size = _shard_size(len(file_list.files), shard_id, num_shards)
+        if with_paths:  # file names have different lengths: no DALIGenericIterator (see epoch_with_paths)
+            return
+        policy = LastBatchPolicy.DROP if train and drop_last else LastBatchPolicy.PARTIAL
+        self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
+                                           last_batch_policy=policy, auto_reset=True)
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __iter__(self):
+        for (batch,) in self.iterator:
+            yield self._to_torch(batch["images"], batch["labels"])
+
+    def _to_torch(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.permute(0, 3, 1, 2)  # HWC batch -> NCHW view, channels-last memory, no copy
+        if self.dtype == torch.bfloat16:
+            images = images.to(torch.bfloat16)
+        return images, labels.reshape(-1).long()
+
+    def epoch_with_paths(self):
+        """One epoch of this shard as (images, labels, file paths), for checks; CPU pipelines only."""
+        seen, batch_size = 0, self.pipe.max_batch_size
+        while seen < self.shard_size:
+            images, labels, paths = self.pipe.run()
+            take = min(batch_size, self.shard_size - seen)
+            imgs, lbls = self._to_torch(torch.from_numpy(images.as_array()), torch.from_numpy(labels.as_array()))
+            yield imgs[:take], lbls[:take], [bytes(paths.at(i)).decode() for i in range(take)]
+            seen += take
+
+
+def _shard_size(n: int, shard_id: int, num_shards: int) -> int:
+    """DALI's split: shard i reads samples [n*i//S, n*(i+1)//S)."""
+    return n * (shard_id + 1) // num_shards - n * shard_id // num_shards

@@ -1,0 +1,98 @@
+"""Data loading on real JPEGs (../shared/data/imagenette-mini): DALI CPU pipelines and folder checks."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from afd_fast.data.dali import DALILoader, dali_available
+from afd_fast.data.folder import BadDataError, list_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENETTE = os.environ.get("AFD_FAST_IMAGENETTE", os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenette-mini"))
+needs_data = pytest.mark.skipif(not os.path.isdir(IMAGENETTE), reason=f"no imagenette-mini at {IMAGENETTE}")
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+
+
+@needs_data
+def test_folder_listing_labels_follow_sorted_class_names():
+    fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
+    assert len(fl.files) == 500 and fl.classes == sorted(fl.classes) and len(fl.classes) == 10
+    for path, label in zip(fl.files, fl.labels):
+        assert os.path.basename(os.path.dirname(path)) == fl.classes[label]
+
+
+@needs_data
+@needs_dali
+def test_dali_train_batches_are_channels_last_and_normalised():
+    fl = list_image_folder(os.path.join(IMAGENETTE, "train"))
+    loader = DALILoader(fl, 64, 32, train=True, seed=1, threads=2)
+    assert len(loader) == 2000 // 32
+    images, labels = next(iter(loader))
+    assert images.shape == (32, 3, 64, 64) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and labels.shape == (32,) and 0 <= labels.min() and labels.max() < 10
+    assert abs(float(images.mean())) < 0.5 and 0.6 < float(images.std()) < 1.5  # ImageNet mean/std removed
+
+
+@needs_data
+@needs_dali
+def test_dali_labels_match_folders_and_two_shards_cover_val_exactly_once():
+    fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
+    seen = []
+    for shard in range(2):
+        loader = DALILoader(fl, 48, 64, train=False, shard_id=shard, num_shards=2, threads=2, with_paths=True)
+        for images, labels, paths in loader.epoch_with_paths():
+            assert images.shape[1:] == (3, 48, 48)
+            for label, path in zip(labels.tolist(), paths):
+                assert fl.classes[label] == os.path.basename(os.path.dirname(path))
+            seen += paths
+    assert sorted(seen) == sorted(fl.files)  # every image once, no padding duplicates
+
+
+@needs_data
+@needs_dali
+def test_dali_validation_is_deterministic_and_training_order_follows_the_seed():
+    fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
+    runs = [[b for b in DALILoader(fl, 32, 50, train=False, threads=2)] for _ in range(2)]
+    for (a, la), (b, lb) in zip(*runs):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    def first_paths(seed, epoch=0):
+        loader = DALILoader(fl, 32, 50, train=True, seed=seed, epoch=epoch, threads=2, with_paths=True)
+        return next(loader.epoch_with_paths())[2]
+    assert first_paths(3) == first_paths(3)
+    assert first_paths(3) != first_paths(4) and first_paths(3) != first_paths(3, epoch=1)
+
+
+@needs_data
+@needs_dali
+def test_dali_training_shards_are_disjoint():
+    fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
+    shards = [{p for _, _, paths in DALILoader(fl, 32, 50, train=True, seed=5, epoch=2, shard_id=r, num_shards=2,
+                                               threads=2, with_paths=True).epoch_with_paths() for p in paths}
+              for r in range(2)]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 500
+
+
+def test_bad_folders_give_errors_that_name_the_path(tmp_path):
+    with pytest.raises(BadDataError, match="does not exist"):
+        list_image_folder(str(tmp_path / "missing"))
+    (tmp_path / "empty_root").mkdir()
+    with pytest.raises(BadDataError, match="has no class folders"):
+        list_image_folder(str(tmp_path / "empty_root"))
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
+    with pytest.raises(BadDataError, match=r"class folder .*'b'? has no images|b' has no images"):
+        list_image_folder(str(root))
+    (root / "b" / "y.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 100)
+    (root / "b" / "notes.txt").write_text("hello")
+    with pytest.raises(BadDataError, match=r"notes.txt.*not an image file"):
+        list_image_folder(str(root))
+    os.remove(root / "b" / "notes.txt")
+    (root / "b" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(BadDataError, match=r"broken.jpg.*not a readable image"):
+        list_image_folder(str(root))
+    fl = list_image_folder(str(root), skip_bad=True)
+    assert [os.path.basename(p) for p in fl.skipped] == ["broken.jpg"] and fl.labels == [0, 1]
