@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="afd", choices=afd.METHODS)
     p.add_argument("--topology", default=None, choices=("pair", "cyclic"),
                    help="who learns from whom (default: pair for 2 networks, cyclic for more)")
-    p.add_argument("--data", default=None, help="ImageNet-layout folder (train/<class>/, val/<class>/); "
-                                                "default: the embedded synthetic set")
+    p.add_argument("--data", default=None, help="ImageNet-layout folder (train/<class>/, val/<class>/) or "
+                                                "CIFAR-10/100 in the python format (cifar-10-batches-py, "
+                                                "cifar-100-python); default: the embedded synthetic set")
     p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="hyper-parameters of a schedule (default: quick without --data, cifar-paper or "
                         "imagenet-paper by architecture otherwise); flags override it")
@@ -203,8 +204,7 @@ def main(argv=None) -> dict:
             dist.barrier()
         data_root = synthetic_image_folder(size=args.image_size)
     loaders = build_loaders(data_root, args.image_size, args.batch_size, args.workers, args.seed, rank, world,
-                            backend=args.loader, device_id=device.index if device.type == "cuda" else None,
-                            skip_bad=args.skip_bad_files)
+                            backend=args.loader, device=device, skip_bad=args.skip_bad_files)
 
     networks = [build_network(a, loaders.num_classes) for a in args.archs]
     for net, path in zip(networks, args.pretrained or []):

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
+from afd_fast.data.cifar import CifarLoader, find_cifar, load_cifar
 from afd_fast.data.dali import DALILoader, dali_available
 from afd_fast.data.folder import BadDataError, FileList, list_image_folder
 from afd_fast.data.synthetic import synthetic_image_folder
@@ -38,10 +39,15 @@ class Loaders:
 
 
 def build_loaders(root: str, image_size: int, batch_size: int, workers: int, seed: int, rank: int = 0,
-                  world_size: int = 1, backend: str = "auto", device_id: int | None = None,
+                  world_size: int = 1, backend: str = "auto", device: torch.device = torch.device("cpu"),
                   skip_bad: bool = False) -> Loaders:
+    """Loaders for an ImageNet-layout folder, or for CIFAR's python format when root holds it."""
     if not os.path.isdir(root):
         raise BadDataError(f"data folder {root!r} does not exist")
+    cifar = find_cifar(root)
+    if cifar is not None:
+        return _cifar_loaders(cifar, batch_size, seed, rank, world_size, device)
+    device_id = device.index if device.type == "cuda" else None
     train_list = list_image_folder(os.path.join(root, "train"), skip_bad)
     val_list = list_image_folder(os.path.join(root, "val"), skip_bad)
     if val_list.classes != train_list.classes:
@@ -72,6 +78,13 @@ def _dali_loaders(train_list: FileList, val_list: FileList, image_size, batch_si
     # every shard runs the same number of steps: the smallest shard's count of full batches
     steps = (len(train_list.files) // world) // batch_size
     return Loaders(train_epoch, val, steps, len(train_list.files), train_list.classes, "dali")
+
+
+def _cifar_loaders(folder: str, batch_size, seed, rank, world, device) -> Loaders:
+    train_x, train_y, test_x, test_y, classes = load_cifar(folder)
+    train = CifarLoader(train_x, train_y, batch_size, True, device, seed, rank, world)
+    val = CifarLoader(test_x, test_y, batch_size, False, device, seed, rank, world)
+    return Loaders(train.for_epoch, val, len(train), len(train_y), classes, "cifar")
 
 
 class _ListDataset(torch.utils.data.Dataset):
