@@ -143,7 +143,7 @@ class AFDModel(nn.Module):
             z = torch.cat([z, z.detach().mean(0, keepdim=True)])
         loss, ce, kl = ops.mutual_distillation_loss(
             z, target, self.peer_weights, self.temperature, kd_weight=1.0 if self.spec.kd else 0.0)
-        out = {"logits": torch.stack(logits).detach(), "ce": ce, "kl": kl}
+        out = {"ce": ce, "kl": kl}
         logit_loss = loss.sum()
 
         k = len(self.networks)

@@ -262,10 +262,11 @@ def main(argv=None) -> dict:
             batches += 1
             global_step += 1
             images_seen += images.shape[0] * world
+            report = global_step % args.print_every == 0 or global_step == total_steps
             # The running sums carry any NaN/inf; checking them only here avoids a host sync per step.
-            if global_step % args.print_every == 0 or global_step == total_steps:
+            if report:
                 check_finite(sums, global_step, args.archs)
-            if is_main and (global_step % args.print_every == 0 or global_step == total_steps):
+            if is_main and report:
                 elapsed = time.perf_counter() - run_start
                 rate = images_seen / max(elapsed, 1e-9)
                 eta = (total_steps - global_step) * images.shape[0] * world / max(rate, 1e-9)

@@ -8,17 +8,10 @@ import afd_fast.ops as ops
 from afd_fast import reference
 
 from _cases import SHAPES, make_case
-from test_ops import _student_loss
+from test_ops import _grads, _student_loss
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
-
-
-def _grads(fn, logits, target, weights, grad_out, **kw):
-    x = logits.detach().clone().requires_grad_()
-    loss, ce, kl = fn(x, target, weights, **kw)
-    (g,) = torch.autograd.grad((loss * grad_out).sum(), x)
-    return loss.detach(), ce, kl, g
 
 
 # C = 5000 and 32000 take the block-per-sample path, odd C the scalar-load path.

@@ -35,7 +35,7 @@ class DALILoader:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.dtype, self.with_paths = dtype, with_paths
+        self.dtype = dtype
         gpu = device_id is not None
         file_names, file_labels = file_list.files, file_list.labels
         if train:
