@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from afd_fast import ops
+from afd_fast import ops, reference
 from afd_fast.models import SplitNetwork
 
 METHODS = ("afd", "dml", "kd", "vanilla", "l1", "l1kd", "adv-only", "kd-only")
@@ -96,10 +96,12 @@ class AFDModel(nn.Module):
     """The K networks with their transfer layers and discriminators, and the method's losses."""
 
     def __init__(self, networks: list[SplitNetwork], method: str = "afd", topology: str = "cyclic",
-                 image_size: int = 32, temperature: float = 3.0):
+                 image_size: int = 32, temperature: float = 3.0, fused_losses: bool = True):
         super().__init__()
         self.spec = method_spec(method)
         self.method = method
+        # the fused ops, or their plain-PyTorch reference (the benchmarks' "what public code does")
+        self.fused_losses = fused_losses
         k = len(networks)
         if k < 2 and method != "vanilla":
             raise ValueError(f"method {method!r} distils between networks: it needs at least 2, got {k}")
@@ -137,11 +139,12 @@ class AFDModel(nn.Module):
     def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward of every network; returns the summed losses of the three gradient sets
         (``logit``, ``generator``, ``discriminator``) and per-network parts for logging."""
+        losses = ops if self.fused_losses else reference
         maps, logits = zip(*(n(images) for n in self.networks))
         z = torch.stack(logits)
         if self.spec.weights == "ensemble":  # the teacher row: mean logits of the K networks
             z = torch.cat([z, z.detach().mean(0, keepdim=True)])
-        loss, ce, kl = ops.mutual_distillation_loss(
+        loss, ce, kl = losses.mutual_distillation_loss(
             z, target, self.peer_weights, self.temperature, kd_weight=1.0 if self.spec.kd else 0.0)
         out = {"ce": ce, "kl": kl}
         logit_loss = loss.sum()
@@ -159,53 +162,141 @@ class AFDModel(nn.Module):
             # taken only w.r.t. its own parameters (DESIGN §4).
             d_own = torch.stack([d(t[i]) for i, d in enumerate(self.discriminators)])
             d_peer = torch.stack([d(t[peer_of(i, k)].detach()) for i, d in enumerate(self.discriminators)])
-            g_loss, d_loss = ops.lsgan_loss(d_own, d_peer)
+            g_loss, d_loss = losses.lsgan_loss(d_own, d_peer)
             out.update(generator=g_loss.sum(), discriminator=d_loss.sum(), g_loss=g_loss.detach(),
                        d_loss=d_loss.detach(), d_own=d_own.detach(), d_peer=d_peer.detach())
         return out
 
 
-def gradient_sets(model: AFDModel, losses: dict[str, torch.Tensor]) -> list[tuple[list[nn.Parameter], list]]:
-    """The three gradient sets at the current parameters, each w.r.t. its own parameter group."""
+def gradient_sets(model: AFDModel, losses: dict[str, torch.Tensor],
+                  loss_scale: torch.Tensor | None = None) -> list[tuple[list[nn.Parameter], list]]:
+    """The three gradient sets at the current parameters, each w.r.t. its own parameter group
+    (multiplied by ``loss_scale`` when given: fp16 loss scaling)."""
     sets = []
     groups = [("logit", model.network_parameters())]
     if model.spec.adversarial:
         groups += [("generator", model.generator_parameters()), ("discriminator", model.discriminator_parameters())]
     for n, (name, params) in enumerate(groups):
-        grads = torch.autograd.grad(losses[name], params, retain_graph=n < len(groups) - 1, allow_unused=True)
+        loss = losses[name] if loss_scale is None else losses[name] * loss_scale
+        grads = torch.autograd.grad(loss, params, retain_graph=n < len(groups) - 1, allow_unused=True)
         sets.append((params, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]))
     return sets
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScale:
+    """Dynamic fp16 loss scaling that stays on the device (no host sync, so it can live in a CUDA
+    graph): the fused optimizers skip a step whose gradients hold inf/NaN (``found_inf``), the scale
+    halves on such a step and doubles after ``growth_interval`` clean ones (as torch's GradScaler)."""
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval = growth_interval
+
+    def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Divides grads by the scale in place; returns found_inf (1.0 if any is inf/NaN, else 0.0)."""
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.scale.reciprocal())
+        return found_inf
+
+    def update(self, found_infs: list[torch.Tensor]) -> None:
+        torch._amp_update_scale_(self.scale, self.growth_tracker, torch.stack(found_infs).sum(),
+                                 2.0, 0.5, self.growth_interval)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
 
 
 class DualStep:
     """Single forward, dual (triple) optimizer step: SGD on the logit loss, Adam on L_G, Adam on L_D.
 
     ``average_gradients`` (e.g. an all-reduce across processes) is applied to every gradient set
-    before any optimizer steps, since ``autograd.grad`` bypasses DDP's hooks."""
+    before any optimizer steps, since ``autograd.grad`` bypasses DDP's hooks.
+
+    ``amp``: "bf16" or "fp16" autocast of the forward ("off": the parameters' dtype); fp16 adds
+    :class:`LossScale`. ``fused``: torch's fused SGD/Adam with learning rates held in device tensors
+    (the schedules update them in place), needed for fp16 and for CUDA-graph capture; default on CUDA
+    and with fp16.
+    ``capturable``: Adam ready for CUDA-graph capture (CUDA only)."""
 
     def __init__(self, model: AFDModel, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
-                 adv_lr: float = 2e-5, adv_weight_decay: float = 0.1, average_gradients=None):
+                 adv_lr: float = 2e-5, adv_weight_decay: float = 0.1, average_gradients=None, amp: str = "off",
+                 fused: bool | None = None, capturable: bool = False):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         self.model = model
         self.average_gradients = average_gradients
-        self.optimizers = {"logit": torch.optim.SGD(model.network_parameters(), lr=lr, momentum=momentum,
-                                                    weight_decay=weight_decay)}
+        self.device = next(model.parameters()).device
+        self.amp_dtype = AMP_DTYPES[amp]
+        fused = (self.device.type == "cuda" or amp == "fp16") if fused is None else fused
+        if amp == "fp16" and not fused:
+            raise ValueError("amp='fp16' skips steps on the device through the fused optimizers: use fused=True")
+        self.loss_scale = LossScale(self.device) if amp == "fp16" else None
+
+        def rate(value: float):
+            return torch.tensor(value, dtype=torch.float32, device=self.device) if fused else value
+
+        adam = dict(weight_decay=adv_weight_decay, fused=fused or None, capturable=capturable)
+        self.optimizers = {"logit": torch.optim.SGD(model.network_parameters(), lr=rate(lr), momentum=momentum,
+                                                    weight_decay=weight_decay, fused=fused or None)}
+        if fused and momentum != 0:
+            # torch's fused SGD allocates momentum buffers uninitialised (empty_like) on its first
+            # step and fills them in the kernel, which returns early when found_inf is set: an fp16
+            # overflow on step one would leave garbage. Zeros give the same first step (0.9*0 + g = g).
+            sgd = self.optimizers["logit"]
+            for p in model.network_parameters():
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
         if model.spec.adversarial:
-            self.optimizers["generator"] = torch.optim.Adam(model.generator_parameters(), lr=adv_lr,
-                                                            weight_decay=adv_weight_decay)
-            self.optimizers["discriminator"] = torch.optim.Adam(model.discriminator_parameters(), lr=adv_lr,
-                                                                weight_decay=adv_weight_decay)
+            self.optimizers["generator"] = torch.optim.Adam(model.generator_parameters(), lr=rate(adv_lr), **adam)
+            self.optimizers["discriminator"] = torch.optim.Adam(model.discriminator_parameters(), lr=rate(adv_lr),
+                                                                **adam)
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = self.model(images, target)
-        sets = gradient_sets(self.model, losses)
+        # autocast's weight cache must be off under CUDA-graph capture (and buys nothing here:
+        # every weight is cast once per forward anyway)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None, cache_enabled=False):
+            losses = self.model(images, target)
+        scale = self.loss_scale.scale if self.loss_scale is not None else None
+        sets = gradient_sets(self.model, losses, scale)
         # All sets exist before the first step; an extractor parameter is in two sets, so each
         # optimizer gets its own gradients right before it steps.
+        found_infs = []
         for (params, grads), optimizer in zip(sets, self.optimizers.values()):
             if self.average_gradients is not None:
                 self.average_gradients(grads)
+            if self.loss_scale is not None:
+                optimizer.grad_scale, optimizer.found_inf = None, self.loss_scale.unscale_(grads)
+                found_infs.append(optimizer.found_inf)
             for p, g in zip(params, grads):
                 p.grad = g
             optimizer.step()
             for p in params:
                 p.grad = None
+        if self.loss_scale is not None:
+            self.loss_scale.update(found_infs)
         return losses
+
+    def state_dict(self) -> dict:
+        state = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.optimizers.items():
+            rates = [group["lr"] for group in opt.param_groups]
+            opt.load_state_dict(state[name])
+            for group, rate in zip(opt.param_groups, rates):
+                if isinstance(rate, torch.Tensor):  # keep the device tensor (a CUDA graph may hold it)
+                    rate.fill_(group["lr"])
+                    group["lr"] = rate
+        if self.loss_scale is not None and "loss_scale" in state:
+            self.loss_scale.load_state_dict(state["loss_scale"])

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from afd_fast import afd
 from afd_fast.data import BACKENDS, BadDataError, build_loaders, synthetic_image_folder
+from afd_fast.graph import GraphedStep
 from afd_fast.models import NETWORKS, build_network
 
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -77,6 +78,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--print-every", type=int, default=20, help="steps between progress lines")
     p.add_argument("--sync-bn", action="store_true",
                    help="share batch-norm statistics across processes (CUDA; default: per process, as DDP)")
+    fast = p.add_argument_group("speed (defaults: all on with --device cuda, off on the CPU)")
+    fast.add_argument("--amp", choices=afd.AMP_DTYPES, default=None,
+                      help="autocast the forward in bf16 or fp16 (fp16 adds on-device loss scaling); "
+                           "default bf16 on CUDA, off on the CPU")
+    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                      help="NHWC memory layout of the networks and the batches")
+    fast.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                      help="capture the whole training step (forward, three gradient sets, their averaging, "
+                           "three optimizer steps) in one CUDA graph and replay it")
+    fast.add_argument("--hw-decoder-load", type=float, default=0.65,
+                      help="DALI on a GPU: share of JPEG decoding given to the hardware decoder (0..1)")
+    fast.add_argument("--prefetch", type=int, default=2, help="DALI: batches prepared ahead (prefetch queue depth)")
     args = p.parse_args(argv)
 
     args.archs = [a.strip().lower() for a in args.arch.split(",") if a.strip()]
@@ -107,6 +120,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but no GPU is visible; use --device cpu")
     if args.sync_bn and args.device != "cuda":
         p.error("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only)")
+    if not 0.0 <= args.hw_decoder_load <= 1.0:
+        p.error(f"--hw-decoder-load must lie in [0, 1], got {args.hw_decoder_load}")
+    if args.prefetch < 1:
+        p.error(f"--prefetch must be at least 1, got {args.prefetch}")
+    cuda = args.device == "cuda"
+    args.amp = args.amp or ("bf16" if cuda else "off")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    if args.cuda_graph and not cuda:
+        print("afd_fast: --cuda-graph needs --device cuda: the CPU runs eager steps", file=sys.stderr)
+    args.cuda_graph = cuda and args.cuda_graph is not False
     return args
 
 
@@ -140,7 +163,7 @@ def average_across_processes(tensors: list[torch.Tensor]) -> None:
 # --- evaluation ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: afd.AFDModel, loader, device: torch.device) -> dict[str, float]:
+def evaluate(model: afd.AFDModel, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Top-1/top-5 of every network and of the ensemble (mean of the softmaxes), over all processes."""
     model.eval()
     k = len(model.networks)
@@ -148,7 +171,8 @@ def evaluate(model: afd.AFDModel, loader, device: torch.device) -> dict[str, flo
     count = torch.zeros((), dtype=torch.float64, device=device)
     for images, target in loader:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        probs = torch.stack([n(images)[1].float().softmax(-1) for n in model.networks])
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            probs = torch.stack([n(images)[1].float().softmax(-1) for n in model.networks])
         probs = torch.cat([probs, probs.mean(0, keepdim=True)])
         top5 = probs.topk(min(5, probs.shape[-1]), -1).indices
         hit = top5 == target[None, :, None]
@@ -204,16 +228,22 @@ def main(argv=None) -> dict:
             dist.barrier()
         data_root = synthetic_image_folder(size=args.image_size)
     loaders = build_loaders(data_root, args.image_size, args.batch_size, args.workers, args.seed, rank, world,
-                            backend=args.loader, device=device, skip_bad=args.skip_bad_files)
+                            backend=args.loader, device=device, skip_bad=args.skip_bad_files,
+                            hw_decoder_load=args.hw_decoder_load, prefetch=args.prefetch,
+                            dtype=torch.float16 if args.amp == "fp16" else torch.float32)
 
     networks = [build_network(a, loaders.num_classes) for a in args.archs]
     for net, path in zip(networks, args.pretrained or []):
         net.load_plain_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model = afd.AFDModel(networks, args.method, args.topology, args.image_size, args.temperature).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     step = afd.DualStep(model, lr=args.lr, weight_decay=args.weight_decay, adv_lr=args.adv_lr,
-                        average_gradients=average_across_processes if world > 1 else None)
+                        average_gradients=average_across_processes if world > 1 else None, amp=args.amp,
+                        capturable=args.cuda_graph)
+    train_step = GraphedStep(step) if args.cuda_graph else step
     schedules = {name: torch.optim.lr_scheduler.MultiStepLR(
                      opt, list(args.adv_milestones if name != "logit" else args.milestones), 0.1)
                  for name, opt in step.optimizers.items()}
@@ -227,9 +257,9 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--resume: no checkpoint at {path!r}")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
-        for name, opt in step.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-            schedules[name].load_state_dict(ckpt["schedules"][name])
+        step.load_state_dict(ckpt["optimizers"])
+        for name, schedule in schedules.items():
+            schedule.load_state_dict(ckpt["schedules"][name])
         start_epoch, global_step, best, history = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["history"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if is_main:
@@ -243,7 +273,8 @@ def main(argv=None) -> dict:
     if is_main:
         print(f"afd_fast: {args.method} on {', '.join(args.archs)} ({args.topology}), {world} process(es) on "
               f"{device}, {loaders.train_size} training images in {loaders.num_classes} classes "
-              f"({loaders.backend} loader), recipe {args.recipe}")
+              f"({loaders.backend} loader), recipe {args.recipe}, amp {args.amp}, "
+              f"channels-last {'on' if args.channels_last else 'off'}, CUDA graph {'on' if args.cuda_graph else 'off'}")
     steps_per_epoch = loaders.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps,
                                                                                    steps_per_epoch * args.epochs)
@@ -254,8 +285,8 @@ def main(argv=None) -> dict:
         model.train()
         sums, batches, epoch_start = {}, 0, time.perf_counter()
         for images, target in loaders.train_epoch(epoch):
-            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            losses = step(images, target)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            losses = train_step(images, target.to(device, non_blocking=True))
             for key in ("ce", "kl", "g_loss", "d_loss"):
                 if key in losses:
                     sums[key] = sums.get(key, 0) + losses[key].detach().double()
@@ -282,7 +313,7 @@ def main(argv=None) -> dict:
                 value /= world
         for s in schedules.values():
             s.step()
-        val = evaluate(model, loaders.val, device)
+        val = evaluate(model, loaders.val, device, step.amp_dtype)
         record = {"epoch": epoch + 1, "step": global_step,
                   "img_per_s": batches * args.batch_size * world / train_seconds,
                   **{f"train_{k}": (v / max(batches, 1)).tolist() for k, v in sums.items()}, **val}
@@ -305,7 +336,7 @@ def main(argv=None) -> dict:
                 writer.flush()
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in val.items() if k.endswith("top1")),
                   flush=True)
-            ckpt = {"model": model.state_dict(), "optimizers": {n: o.state_dict() for n, o in step.optimizers.items()},
+            ckpt = {"model": model.state_dict(), "optimizers": step.state_dict(),
                     "schedules": {n: s.state_dict() for n, s in schedules.items()}, "epoch": epoch + 1,
                     "step": global_step, "best": best, "history": history, "rng": all_rng, "args": vars(args)}
             save_atomic(ckpt, os.path.join(args.output, "last.pt"))

@@ -183,3 +183,90 @@ def test_bad_method_and_network_count():
     with pytest.raises(ValueError, match="exactly 2 networks"):
         afd.AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="pair")
     afd.AFDModel(nets, method="vanilla")  # one network alone is fine without distillation
+
+
+def _pair(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair").to(dtype)
+
+
+def _assert_same_parameters(a, b, **tol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}", **tol)
+
+
+def test_fused_optimizers_with_device_learning_rates_equal_the_default_ones():
+    model = _pair(torch.float64)
+    twin = copy.deepcopy(model)
+    # rates a float32 device tensor holds exactly
+    fused = afd.DualStep(model, lr=0.125, adv_lr=2 ** -10, fused=True)
+    plain = afd.DualStep(twin, lr=0.125, adv_lr=2 ** -10, fused=False)
+    assert isinstance(fused.optimizers["logit"].param_groups[0]["lr"], torch.Tensor)
+    for seed in range(2):
+        images, target = _batch(6, seed=seed)
+        fused(images.double(), target)
+        plain(images.double(), target)
+    _assert_same_parameters(model, twin, rtol=1e-9, atol=1e-11)
+
+
+def test_schedules_and_resume_update_device_learning_rates_in_place():
+    step = afd.DualStep(_pair(), lr=0.1, adv_lr=1e-3, fused=True)
+    rates = {n: o.param_groups[0]["lr"] for n, o in step.optimizers.items()}
+    schedules = [torch.optim.lr_scheduler.MultiStepLR(o, [1], 0.1) for o in step.optimizers.values()]
+    step(*_batch(4))
+    for s in schedules:
+        s.step()
+    assert float(rates["logit"]) == pytest.approx(0.01, rel=1e-6) and float(rates["generator"]) == pytest.approx(1e-4, rel=1e-6)
+    state = step.state_dict()
+    other = afd.DualStep(_pair(), lr=0.5, adv_lr=0.5, fused=True)
+    kept = {n: o.param_groups[0]["lr"] for n, o in other.optimizers.items()}
+    other.load_state_dict(state)
+    for name, opt in other.optimizers.items():  # the same tensor objects (a CUDA graph may hold them), new values
+        assert opt.param_groups[0]["lr"] is kept[name]
+        assert float(kept[name]) == float(rates[name])
+
+
+def test_amp_bf16_runs_the_networks_in_bf16():
+    model = _pair()
+    seen = []
+    model.networks[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    afd.DualStep(model, adv_lr=1e-3, amp="bf16")(*_batch(4))
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    model = _pair()
+    step = afd.DualStep(model, lr=0.1, adv_lr=1e-3, amp="fp16")
+    assert step.loss_scale is not None and step.optimizers["logit"].defaults["fused"]
+    step.loss_scale.scale.fill_(2.0 ** 40)  # the scaled backward overflows float16
+    before = copy.deepcopy(model)
+    step(*_batch(4))
+    _assert_same_parameters(model, before, rtol=0, atol=0)
+    assert float(step.loss_scale.scale) == 2.0 ** 39
+    assert float(step.optimizers["generator"].state[model.generator_parameters()[0]]["step"]) == 0
+    buffers = [step.optimizers["logit"].state[p]["momentum_buffer"] for p in model.network_parameters()]
+    assert all(not b.any() for b in buffers)  # still zero: the skipped first step left them alone
+    step.loss_scale.scale.fill_(1024.0)
+    step.loss_scale.growth_interval = 1
+    step(*_batch(4))
+    moved = sum(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    assert moved == len(list(model.parameters()))
+    assert float(step.loss_scale.scale) == 2048.0  # a clean step after growth_interval clean steps doubles it
+
+
+def test_fp16_needs_fused_optimizers_and_amp_must_be_known():
+    with pytest.raises(ValueError, match="fused=True"):
+        afd.DualStep(_pair(), amp="fp16", fused=False)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        afd.DualStep(_pair(), amp="fp8")
+
+
+def test_reference_losses_give_the_fused_step():
+    model = _pair(torch.float64)
+    twin = copy.deepcopy(model)
+    twin.fused_losses = False
+    images, target = _batch(6)
+    afd.DualStep(model, adv_lr=1e-3)(images.double(), target)
+    afd.DualStep(twin, adv_lr=1e-3)(images.double(), target)
+    _assert_same_parameters(model, twin, rtol=1e-7, atol=1e-9)

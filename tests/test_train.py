@@ -65,8 +65,10 @@ def test_three_networks_cyclic(tmp_path, tiny_data):
     assert summary["topology"] == "cyclic" and "net2_top1" in summary
 
 
-def test_resume_equals_uninterrupted_training(tmp_path, tiny_data):
-    common = ["--arch", "resnet20,resnet20", "--seed", "3"]
+@pytest.mark.parametrize("speed", [[], ["--amp", "bf16", "--channels-last"], ["--amp", "fp16"]],
+                         ids=["float32", "bf16-channels-last", "fp16-loss-scale"])
+def test_resume_equals_uninterrupted_training(tmp_path, tiny_data, speed):
+    common = ["--arch", "resnet20,resnet20", "--seed", "3", *speed]
     full, _ = _run(tmp_path / "a", tiny_data, *common, "--epochs", "2")
     _run(tmp_path / "b", tiny_data, *common, "--epochs", "1")
     resumed, _ = _run(tmp_path / "b", tiny_data, *common, "--epochs", "2", "--resume")
@@ -92,11 +94,22 @@ def test_non_finite_loss_stops_with_a_message(tmp_path, tiny_data):
     (["--data", "/nonexistent/imagenet"], "is not a folder"),
     (["--pretrained", "/nonexistent.pt,/nonexistent.pt"], "does not exist"),
     (["--sync-bn", "--device", "cpu"], "--sync-bn needs --device cuda"),
+    (["--amp", "fp8"], "invalid choice: 'fp8'"),
+    (["--hw-decoder-load", "1.5"], "--hw-decoder-load must lie in [0, 1]"),
+    (["--prefetch", "0"], "--prefetch must be at least 1"),
 ])
 def test_bad_arguments_fail_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_speed_flags_default_to_off_on_the_cpu(capsys):
+    args = train.parse_args(["--device", "cpu", "--cuda-graph"])
+    assert (args.amp, args.channels_last, args.cuda_graph) == ("off", False, False)
+    assert "--cuda-graph needs --device cuda" in capsys.readouterr().err
+    args = train.parse_args(["--device", "cpu", "--amp", "bf16", "--channels-last"])
+    assert (args.amp, args.channels_last) == ("bf16", True)
 
 
 def test_resume_without_checkpoint(tmp_path, tiny_data):

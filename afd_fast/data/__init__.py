@@ -40,8 +40,11 @@ class Loaders:
 
 def build_loaders(root: str, image_size: int, batch_size: int, workers: int, seed: int, rank: int = 0,
                   world_size: int = 1, backend: str = "auto", device: torch.device = torch.device("cpu"),
-                  skip_bad: bool = False) -> Loaders:
-    """Loaders for an ImageNet-layout folder, or for CIFAR's python format when root holds it."""
+                  skip_bad: bool = False, hw_decoder_load: float = 0.65, prefetch: int = 2,
+                  dtype: torch.dtype = torch.float32) -> Loaders:
+    """Loaders for an ImageNet-layout folder, or for CIFAR's python format when root holds it.
+    ``hw_decoder_load``, ``prefetch`` and ``dtype`` (float32, float16: DALI's own output type) apply
+    to DALI; ``workers`` is DALI's thread count or the DataLoader's process count."""
     if not os.path.isdir(root):
         raise BadDataError(f"data folder {root!r} does not exist")
     cifar = find_cifar(root)
@@ -61,20 +64,19 @@ def build_loaders(root: str, image_size: int, batch_size: int, workers: int, see
             print("NVIDIA DALI is not installed: using the torchvision DataLoader "
                   "(pip install nvidia-dali-cuda130 is faster)", file=sys.stderr)
     if backend == "dali":
-        return _dali_loaders(train_list, val_list, image_size, batch_size, workers, seed, rank, world_size, device_id)
+        options = dict(threads=max(workers, 1), device_id=device_id, prefetch=prefetch,
+                       hw_decoder_load=hw_decoder_load, dtype=dtype)
+        return _dali_loaders(train_list, val_list, image_size, batch_size, seed, rank, world_size, options)
     return _torch_loaders(train_list, val_list, image_size, batch_size, workers, seed, rank, world_size)
 
 
-def _dali_loaders(train_list: FileList, val_list: FileList, image_size, batch_size, workers, seed, rank, world,
-                  device_id) -> Loaders:
-    threads = max(workers, 1)
-
+def _dali_loaders(train_list: FileList, val_list: FileList, image_size, batch_size, seed, rank, world,
+                  options: dict) -> Loaders:
     def train_epoch(epoch: int):
         return DALILoader(train_list, image_size, batch_size, train=True, seed=seed, epoch=epoch, shard_id=rank,
-                          num_shards=world, device_id=device_id, threads=threads)
+                          num_shards=world, **options)
 
-    val = DALILoader(val_list, image_size, batch_size, train=False, shard_id=rank, num_shards=world,
-                     device_id=device_id, threads=threads)
+    val = DALILoader(val_list, image_size, batch_size, train=False, shard_id=rank, num_shards=world, **options)
     # every shard runs the same number of steps: the smallest shard's count of full batches
     steps = (len(train_list.files) // world) // batch_size
     return Loaders(train_epoch, val, steps, len(train_list.files), train_list.classes, "dali")

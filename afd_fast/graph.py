@@ -1,0 +1,70 @@
+"""The whole training step as one CUDA graph.
+
+``GraphedStep(step)`` wraps a :class:`afd_fast.afd.DualStep` (or anything called as
+``step(images, target) -> dict of tensors`` whose work stays on the GPU without host syncs). The
+first ``warmup`` calls run eagerly on a side stream: they are real training steps, and they create
+what the capture needs to exist already (optimizer moments, cuBLAS/cuDNN workspaces, NCCL
+communicators). The next call copies its batch into static buffers and captures one step: the
+forward of all networks, transfer layers and discriminators, the fused losses, the three gradient
+sets, their averaging across processes, the three optimizer steps and the fp16 loss-scale update
+(batch-norm statistics update inside it too). From then on each call copies the batch into the
+buffers and replays the graph. Learning rates live in device tensors that the schedules update in
+place, so a graph never needs re-capture for them; a batch of another shape or dtype re-captures.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+class GraphedStep:
+    def __init__(self, step, warmup: int = 3):
+        self.step = step
+        self.warmup = warmup
+        self.stream = torch.cuda.Stream()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.signature = None
+        self.eager_left = warmup
+        self.captures = 0  # how many graphs were captured (re-capture only when the batch changes)
+        self.disabled = False  # capture failed: eager steps from then on
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.disabled:
+            return self.step(images, target)
+        signature = (images.shape, images.dtype, images.stride(), target.shape, target.dtype)
+        if signature != self.signature:
+            self.signature, self.graph, self.eager_left = signature, None, self.warmup
+        if self.graph is None and self.eager_left > 0:
+            self.eager_left -= 1
+            return self._on_side_stream(images, target)
+        if self.graph is None:
+            try:
+                self._capture(images, target)
+            except RuntimeError as e:  # e.g. an op that syncs with the host; nothing of the step ran
+                print(f"afd_fast: CUDA graph capture failed, training continues with eager steps "
+                      f"(--no-cuda-graph hides this): {e}", file=sys.stderr)
+                self.disabled, self.graph = True, None
+                torch.cuda.synchronize()
+                return self.step(images, target)
+        self.static_images.copy_(images, non_blocking=True)
+        self.static_target.copy_(target, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
+
+    def _on_side_stream(self, images, target):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            out = self.step(images, target)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def _capture(self, images, target):
+        self.static_images = torch.empty_like(images, memory_format=torch.preserve_format)
+        self.static_target = torch.empty_like(target)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        # Capturing records kernels without running them: the step happens at the first replay.
+        with torch.cuda.graph(self.graph, stream=self.stream):
+            self.static_out = self.step(self.static_images, self.static_target)
+        self.captures += 1
