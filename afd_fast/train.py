@@ -73,7 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loader", default="auto", choices=BACKENDS,
                    help="auto: NVIDIA DALI when installed (GPU decode on CUDA), else the torchvision DataLoader")
     p.add_argument("--skip-bad-files", action="store_true",
-                   help="leave out non-image or unreadable files (reported) instead of stopping")
+                   help="leave out non-image, truncated or (with --verify-images) undecodable files (reported) "
+                        "instead of stopping")
+    p.add_argument("--verify-images", action="store_true",
+                   help="decode every image once at start-up to find corrupt files (a pass over the data set)")
     p.add_argument("--pretrained", default=None, help="comma-separated local state_dict files, one per network")
     p.add_argument("--print-every", type=int, default=20, help="steps between progress lines")
     p.add_argument("--sync-bn", action="store_true",
@@ -230,7 +233,7 @@ def main(argv=None) -> dict:
     loaders = build_loaders(data_root, args.image_size, args.batch_size, args.workers, args.seed, rank, world,
                             backend=args.loader, device=device, skip_bad=args.skip_bad_files,
                             hw_decoder_load=args.hw_decoder_load, prefetch=args.prefetch,
-                            dtype=torch.float16 if args.amp == "fp16" else torch.float32)
+                            dtype=torch.float16 if args.amp == "fp16" else torch.float32, verify=args.verify_images)
 
     networks = [build_network(a, loaders.num_classes) for a in args.archs]
     for net, path in zip(networks, args.pretrained or []):

@@ -1,6 +1,7 @@
 """The trainer CLI (afd_fast.train) end to end on small real JPEG folders, on the CPU."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -119,7 +120,8 @@ def test_resume_without_checkpoint(tmp_path, tiny_data):
 
 def test_data_folder_without_splits(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    (tmp_path / "train" / "a" / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    synthetic = synthetic_image_folder(str(tmp_path / "synthetic"), num_classes=1, train_per_class=1, val_per_class=1)
+    shutil.copy(os.path.join(synthetic, "train", "class000", "00000.jpg"), tmp_path / "train" / "a" / "x.jpg")
     with pytest.raises(BadDataError, match=r"val' does not exist"):
         _run(tmp_path, str(tmp_path))
 

@@ -41,18 +41,20 @@ class Loaders:
 def build_loaders(root: str, image_size: int, batch_size: int, workers: int, seed: int, rank: int = 0,
                   world_size: int = 1, backend: str = "auto", device: torch.device = torch.device("cpu"),
                   skip_bad: bool = False, hw_decoder_load: float = 0.65, prefetch: int = 2,
-                  dtype: torch.dtype = torch.float32) -> Loaders:
+                  dtype: torch.dtype = torch.float32, verify: bool = False) -> Loaders:
     """Loaders for an ImageNet-layout folder, or for CIFAR's python format when root holds it.
     ``hw_decoder_load``, ``prefetch`` and ``dtype`` (float32, float16: DALI's own output type) apply
-    to DALI; ``workers`` is DALI's thread count or the DataLoader's process count."""
+    to DALI; ``workers`` is DALI's thread count or the DataLoader's process count (and the decode
+    check's with ``verify``, see :func:`list_image_folder`)."""
     if not os.path.isdir(root):
         raise BadDataError(f"data folder {root!r} does not exist")
     cifar = find_cifar(root)
     if cifar is not None:
         return _cifar_loaders(cifar, batch_size, seed, rank, world_size, device)
     device_id = device.index if device.type == "cuda" else None
-    train_list = list_image_folder(os.path.join(root, "train"), skip_bad)
-    val_list = list_image_folder(os.path.join(root, "val"), skip_bad)
+    checks = dict(skip_bad=skip_bad, verify=verify, workers=max(workers, 1))
+    train_list = list_image_folder(os.path.join(root, "train"), **checks)
+    val_list = list_image_folder(os.path.join(root, "val"), **checks)
     if val_list.classes != train_list.classes:
         raise BadDataError(f"train/ and val/ of {root!r} have different class folders")
     skipped = len(train_list.skipped) + len(val_list.skipped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from afd_fast.data.folder import FileList
+from afd_fast.data.folder import BadDataError, FileList, decode_problems
 
 MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -75,19 +75,49 @@ class DALILoader:
 
         self.pipe = pipeline()
         self.pipe.build()
-        self.shard_size = _shard_size(len(file_list.files), shard_id, num_shards)
+        start = len(file_names) * shard_id // num_shards
+        self.shard_size = _shard_size(len(file_names), shard_id, num_shards)
+        self.shard_files = file_names[start:start + self.shard_size]  # in the order the reader reads them
+        self.batch_size, self.prefetch = batch_size, prefetch
         if with_paths:  # file names have different lengths: no DALIGenericIterator (see epoch_with_paths)
             return
         policy = LastBatchPolicy.DROP if train and drop_last else LastBatchPolicy.PARTIAL
-        self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
-                                           last_batch_policy=policy, auto_reset=True)
+        try:  # the iterator runs the first batches already
+            self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
+                                               last_batch_policy=policy, auto_reset=True)
+        except RuntimeError as e:
+            raise BadDataError(self._decode_failure(e, 0)) from None
 
     def __len__(self) -> int:
         return len(self.iterator)
 
     def __iter__(self):
-        for (batch,) in self.iterator:
-            yield self._to_torch(batch["images"], batch["labels"])
+        position = 0
+        try:
+            for (batch,) in self.iterator:
+                yield self._to_torch(batch["images"], batch["labels"])
+                position += 1
+        except RuntimeError as e:
+            raise BadDataError(self._decode_failure(e, position)) from None
+
+    def _decode_failure(self, error: RuntimeError, batch: int) -> str:
+        """Names the file DALI failed on: the one its message names, else the undecodable files
+        among the batches it may have been preparing (the current one and the prefetched ones)."""
+        message = str(error)
+        named = [p for p in self.shard_files if p in message]
+        if named:
+            bad = {p: "cannot be decoded" for p in named}
+        else:
+            window = self.shard_files[batch * self.batch_size:(batch + self.prefetch + 2) * self.batch_size]
+            bad = decode_problems(window)
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        # DALI's own words follow "encountered:" (the lines before repeat the pipeline definition)
+        after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+        dali_said = after[0] if after else ""
+        advice = "; leave such files out with --verify-images --skip-bad-files (a full decode check at start-up)"
+        if not bad:
+            return f"DALI failed reading batch {batch} of this shard: {dali_said}{advice}"
+        return "; ".join(f"{p!r} {why}" for p, why in bad.items()) + f" (DALI: {dali_said}){advice}"
 
     def _to_torch(self, images: torch.Tensor, labels: torch.Tensor):
         images = images.permute(0, 3, 1, 2)  # HWC batch -> NCHW view, channels-last memory, no copy

@@ -1,15 +1,22 @@
 """Listing of ImageNet-layout folders (``<split>/<class>/<image>``) with clear errors.
 
-Class index = position of the folder name in sorted order, as torchvision's ImageFolder."""
+Class index = position of the folder name in sorted order, as torchvision's ImageFolder.
+
+Every file gets cheap checks at listing: an image extension, an image signature in its first
+bytes, and for JPEGs the end-of-image marker near the end (a truncated file lacks it: the marker
+cannot occur inside JPEG entropy-coded data). ``verify=True`` also decodes every file fully (PIL, in
+parallel), which finds corruption inside a file too; it costs a pass over the data set."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# What the first bytes of a readable image look like; a cheap check that catches truncated,
-# empty or mislabelled files without decoding them.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+_JPEG = b"\xff\xd8\xff"
+_MAGIC = (_JPEG, b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+_JPEG_END, _JPEG_TAIL = b"\xff\xd9", 1024  # the end marker may be followed by a little padding
+SKIP_HINT = "pass --skip-bad-files (skip_bad=True) to leave such files out"
 
 
 class BadDataError(ValueError):
@@ -24,33 +31,33 @@ class FileList:
     skipped: list[str]
 
 
-def list_image_folder(split_root: str, skip_bad: bool = False) -> FileList:
+def list_image_folder(split_root: str, skip_bad: bool = False, verify: bool = False, workers: int = 1) -> FileList:
     """Every image of ``split_root/<class>/``, with its class index. A missing folder, no class
-    folders or an empty class raise; a non-image or unreadable file raises with its path, unless
-    ``skip_bad``, which leaves it out and reports it in ``skipped``."""
+    folders or an empty class raise; a non-image, truncated or (with ``verify``) undecodable file
+    raises with its path, unless ``skip_bad``, which leaves it out and reports it in ``skipped``."""
     if not os.path.isdir(split_root):
         raise BadDataError(f"{split_root!r} does not exist or is not a folder (expected <split>/<class>/<image>)")
     classes = sorted(d.name for d in os.scandir(split_root) if d.is_dir())
     if not classes:
         raise BadDataError(f"{split_root!r} has no class folders (expected {split_root}/<class>/<image>)")
-    files, labels, skipped = [], [], []
-    for index, name in enumerate(classes):
-        folder = os.path.join(split_root, name)
-        entries = sorted(e.path for e in os.scandir(folder) if e.is_file())
-        good = []
-        for path in entries:
-            problem = _problem(path)
-            if problem is None:
-                good.append(path)
-            elif skip_bad:
-                skipped.append(path)
-            else:
-                raise BadDataError(f"{path!r}: {problem} (pass skip_bad / --skip-bad-files to leave such files out)")
+    entries = [(index, sorted(e.path for e in os.scandir(os.path.join(split_root, name)) if e.is_file()))
+               for index, name in enumerate(classes)]
+    paths = [p for _, files in entries for p in files]
+    problems = {p: why for p, why in zip(paths, map(_problem, paths)) if why}
+    if verify:
+        problems.update(decode_problems([p for p in paths if p not in problems], workers))
+    if problems and not skip_bad:
+        path = next(p for p in paths if p in problems)
+        more = f" ({len(problems) - 1} more such files)" if len(problems) > 1 else ""
+        raise BadDataError(f"{path!r}: {problems[path]}{more}; {SKIP_HINT}")
+    files, labels = [], []
+    for index, class_files in entries:
+        good = [p for p in class_files if p not in problems]
         if not good:
-            raise BadDataError(f"class folder {folder!r} has no images")
+            raise BadDataError(f"class folder {os.path.join(split_root, classes[index])!r} has no usable images")
         files += good
         labels += [index] * len(good)
-    return FileList(files, labels, classes, skipped)
+    return FileList(files, labels, classes, [p for p in paths if p in problems])
 
 
 def _problem(path: str) -> str | None:
@@ -58,6 +65,32 @@ def _problem(path: str) -> str | None:
         return "not an image file (extension)"
     with open(path, "rb") as f:
         head = f.read(4)
-    if not head.startswith(_MAGIC):
-        return "not a readable image (empty, truncated or not an image)"
+        if not head.startswith(_MAGIC):
+            return "not a readable image (empty, truncated or not an image)"
+        if head.startswith(_JPEG):
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - _JPEG_TAIL, 0))
+            if _JPEG_END not in f.read():
+                return "truncated JPEG (no end-of-image marker)"
     return None
+
+
+def _decode_problem(path: str) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as e:  # PIL raises several types for corrupt data
+        return f"cannot be decoded ({type(e).__name__}: {e})"
+    return None
+
+
+def decode_problems(paths: list[str], workers: int = 1) -> dict[str, str]:
+    """{path: why} for the files that do not decode fully (PIL), checked by ``workers`` processes."""
+    if workers <= 1 or len(paths) < 64:
+        found = map(_decode_problem, paths)
+        return {p: why for p, why in zip(paths, found) if why}
+    with ProcessPoolExecutor(workers) as pool:
+        found = pool.map(_decode_problem, paths, chunksize=64)
+        return {p: why for p, why in zip(paths, found) if why}

@@ -1,0 +1,124 @@
+"""The whole AFD step as one CUDA graph (afd_fast.graph.GraphedStep): replay trains exactly as the
+eager step does. Every test skips itself without a GPU."""
+import copy
+
+import pytest
+import torch
+
+from afd_fast import afd, train
+from afd_fast.graph import GraphedStep
+from afd_fast.models import build_network
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    # the same kernels in graph and eager runs, so that only the graph can make a difference
+    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
+
+
+def _pair(arch="resnet20", channels_last=True):
+    torch.manual_seed(0)
+    model = afd.AFDModel([build_network(arch, 10) for _ in range(2)], method="afd", topology="pair").cuda()
+    return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _batches(n, batch=16, size=32, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, device="cuda", generator=g).contiguous(memory_format=torch.channels_last),
+             torch.randint(0, 10, (batch,), device="cuda", generator=g)) for _ in range(n)]
+
+
+TOLERANCE = {"off": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=2e-3, atol=2e-4), "fp16": dict(rtol=1e-3, atol=1e-4)}
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_graph_replay_trains_as_the_eager_step(amp):
+    model = _pair()
+    twin = copy.deepcopy(model)
+    graphed = GraphedStep(afd.DualStep(model, lr=0.05, adv_lr=1e-3, amp=amp, capturable=True), warmup=2)
+    eager = afd.DualStep(twin, lr=0.05, adv_lr=1e-3, amp=amp)
+    for images, target in _batches(8):
+        out_g = {k: v.clone() for k, v in graphed(images, target).items()}
+        out_e = eager(images, target)
+        torch.testing.assert_close(out_g["ce"], out_e["ce"], **TOLERANCE[amp])
+    assert graphed.captures == 1 and not graphed.disabled
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, msg=name, **TOLERANCE[amp])
+    for (name, b), c in zip(model.named_buffers(), twin.buffers()):  # batch-norm statistics move in the graph
+        torch.testing.assert_close(b, c, msg=name, **TOLERANCE[amp])
+    if amp == "fp16":
+        assert torch.equal(graphed.step.loss_scale.scale, eager.loss_scale.scale)
+
+
+def test_schedules_reach_the_captured_graph():
+    model = _pair()
+    twin = copy.deepcopy(model)
+    step = afd.DualStep(model, lr=0.05, adv_lr=1e-3, capturable=True)
+    graphed, eager = GraphedStep(step, warmup=1), afd.DualStep(twin, lr=0.05, adv_lr=1e-3)
+    schedules = [torch.optim.lr_scheduler.MultiStepLR(o, [1], 0.1) for s in (step, eager) for o in s.optimizers.values()]
+    for n, (images, target) in enumerate(_batches(5)):
+        graphed(images, target)
+        eager(images, target)
+        if n == 2:  # after the capture
+            for s in schedules:
+                s.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCE["off"])
+
+
+def test_fp16_overflow_is_skipped_inside_the_graph():
+    model = _pair()
+    step = afd.DualStep(model, lr=0.05, adv_lr=1e-3, amp="fp16", capturable=True)
+    graphed = GraphedStep(step, warmup=1)
+    batches = _batches(3)
+    graphed(*batches[0])
+    graphed(*batches[1])  # captured and replayed
+    step.loss_scale.scale.fill_(2.0 ** 40)
+    before = copy.deepcopy(model)
+    graphed(*batches[2])
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), before.parameters()):
+        assert torch.equal(p, q)
+    assert float(step.loss_scale.scale) == 2.0 ** 39
+
+
+def test_new_batch_shape_recaptures():
+    graphed = GraphedStep(afd.DualStep(_pair(), adv_lr=1e-3, capturable=True), warmup=1)
+    for images, target in _batches(2) + _batches(2, batch=8) + _batches(2):
+        graphed(images, target)
+    assert graphed.captures == 3
+
+
+def test_capture_failure_falls_back_to_eager_steps(capsys):
+    step = afd.DualStep(_pair(), adv_lr=1e-3, capturable=True)
+
+    def syncing_step(images, target):
+        losses = step(images, target)
+        float(losses["logit"])  # a host sync: not capturable
+        return losses
+
+    graphed = GraphedStep(syncing_step, warmup=1)
+    for images, target in _batches(3):
+        out = graphed(images, target)
+        assert torch.isfinite(out["logit"])
+    assert graphed.disabled and "CUDA graph capture failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_trainer_with_every_speed_flag(tmp_path, amp):
+    from afd_fast.data import synthetic_image_folder
+
+    data = synthetic_image_folder(str(tmp_path / "data"), num_classes=4, train_per_class=16, val_per_class=6)
+    common = ["--data", data, "--device", "cuda", "--amp", amp, "--channels-last", "--cuda-graph", "--workers", "2",
+              "--batch-size", "8", "--print-every", "1000", "--seed", "2"]
+    full = train.main([*common, "--output", str(tmp_path / "a"), "--epochs", "2"])
+    train.main([*common, "--output", str(tmp_path / "b"), "--epochs", "1"])
+    resumed = train.main([*common, "--output", str(tmp_path / "b"), "--epochs", "2", "--resume"])
+    assert full["steps"] == 16 and resumed["steps"] == 16
+    for key in ("net0_top1", "net1_top1"):
+        assert abs(full[key] - resumed[key]) <= 100 / 24 + 1e-9  # at most one image of 24 flips (reduced precision)
