@@ -136,17 +136,27 @@ class AFDModel(nn.Module):
         return list(self.discriminators.parameters())
 
     # --- the losses of one forward ---------------------------------------------------------------
-    def forward(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, target: torch.Tensor, cut_at_features: bool = False
+                ) -> dict[str, torch.Tensor]:
         """One forward of every network; returns the summed losses of the three gradient sets
-        (``logit``, ``generator``, ``discriminator``) and per-network parts for logging."""
+        (``logit``, ``generator``, ``discriminator``) and per-network parts for logging.
+
+        ``cut_at_features``: the heads, transfer layers and discriminators read detached copies of
+        the feature maps (returned as ``cut``, the attached maps as ``features``), so that the
+        gradient sets can be taken down to the maps first and through the extractors in one
+        batched backward (:func:`gradient_sets` with ``batched=True``)."""
         losses = ops if self.fused_losses else reference
-        maps, logits = zip(*(n(images) for n in self.networks))
+        features = [n.features(images) for n in self.networks]
+        maps = [f.detach().requires_grad_() for f in features] if cut_at_features else features
+        logits = [n.head(m) for n, m in zip(self.networks, maps)]
         z = torch.stack(logits)
         if self.spec.weights == "ensemble":  # the teacher row: mean logits of the K networks
             z = torch.cat([z, z.detach().mean(0, keepdim=True)])
         loss, ce, kl = losses.mutual_distillation_loss(
             z, target, self.peer_weights, self.temperature, kd_weight=1.0 if self.spec.kd else 0.0)
         out = {"ce": ce, "kl": kl}
+        if cut_at_features:
+            out.update(features=features, cut=maps)
         logit_loss = loss.sum()
 
         k = len(self.networks)
@@ -171,16 +181,43 @@ class AFDModel(nn.Module):
 def gradient_sets(model: AFDModel, losses: dict[str, torch.Tensor],
                   loss_scale: torch.Tensor | None = None) -> list[tuple[list[nn.Parameter], list]]:
     """The three gradient sets at the current parameters, each w.r.t. its own parameter group
-    (multiplied by ``loss_scale`` when given: fp16 loss scaling)."""
-    sets = []
+    (multiplied by ``loss_scale`` when given: fp16 loss scaling).
+
+    When the forward was cut at the feature maps (``cut`` in losses), the logit and generator sets
+    go down to the maps separately and then through the extractors in one backward with two
+    stacked gradient outputs (``is_grads_batched``) instead of two passes: the same values."""
     groups = [("logit", model.network_parameters())]
     if model.spec.adversarial:
         groups += [("generator", model.generator_parameters()), ("discriminator", model.discriminator_parameters())]
+    scaled = {name: losses[name] if loss_scale is None else losses[name] * loss_scale for name, _ in groups}
+    if "cut" in losses and len(groups) == 3:
+        return _batched_gradient_sets(model, losses["features"], losses["cut"], scaled, groups)
+    sets = []
     for n, (name, params) in enumerate(groups):
-        loss = losses[name] if loss_scale is None else losses[name] * loss_scale
-        grads = torch.autograd.grad(loss, params, retain_graph=n < len(groups) - 1, allow_unused=True)
+        grads = torch.autograd.grad(scaled[name], params, retain_graph=n < len(groups) - 1, allow_unused=True)
         sets.append((params, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]))
     return sets
+
+
+def _batched_gradient_sets(model: AFDModel, features, cut, scaled, groups):
+    extractor = [p for n in model.networks for p in n.extractor_parameters()]
+    in_extractor = {id(p) for p in extractor}
+    grads = {}  # (set name, id(param)) -> gradient
+    at_maps = {}
+    for name, params in groups:
+        above = [p for p in params if id(p) not in in_extractor]  # heads, transfer layers, discriminators
+        wrt = above + (list(cut) if name != "discriminator" else [])
+        got = torch.autograd.grad(scaled[name], wrt, retain_graph=True, allow_unused=True)
+        grads.update({(name, id(p)): g for p, g in zip(above, got)})
+        if name != "discriminator":
+            at_maps[name] = [torch.zeros_like(c) if g is None else g for c, g in zip(cut, got[len(above):])]
+    stacked = [torch.stack([a, b]) for a, b in zip(at_maps["logit"], at_maps["generator"])]
+    through = torch.autograd.grad(features, extractor, stacked, is_grads_batched=True, allow_unused=True)
+    for p, g in zip(extractor, through):
+        if g is not None:
+            grads[("logit", id(p))], grads[("generator", id(p))] = g[0], g[1]
+    return [(params, [grads.get((name, id(p))) if grads.get((name, id(p))) is not None else torch.zeros_like(p)
+                      for p in params]) for name, params in groups]
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -224,15 +261,18 @@ class DualStep:
     :class:`LossScale`. ``fused``: torch's fused SGD/Adam with learning rates held in device tensors
     (the schedules update them in place), needed for fp16 and for CUDA-graph capture; default on CUDA
     and with fp16.
-    ``capturable``: Adam ready for CUDA-graph capture (CUDA only)."""
+    ``capturable``: Adam ready for CUDA-graph capture (CUDA only). ``batched_backward``: the logit
+    and generator sets through the extractors in one batched backward (see :func:`gradient_sets`;
+    an experiment that ``benchmarks/step.py`` measures, off by default)."""
 
     def __init__(self, model: AFDModel, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
                  adv_lr: float = 2e-5, adv_weight_decay: float = 0.1, average_gradients=None, amp: str = "off",
-                 fused: bool | None = None, capturable: bool = False):
+                 fused: bool | None = None, capturable: bool = False, batched_backward: bool = False):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         self.model = model
         self.average_gradients = average_gradients
+        self.batched_backward = batched_backward and model.spec.adversarial
         self.device = next(model.parameters()).device
         self.amp_dtype = AMP_DTYPES[amp]
         fused = (self.device.type == "cuda" or amp == "fp16") if fused is None else fused
@@ -263,7 +303,7 @@ class DualStep:
         # every weight is cast once per forward anyway)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None, cache_enabled=False):
-            losses = self.model(images, target)
+            losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
         sets = gradient_sets(self.model, losses, scale)
         # All sets exist before the first step; an extractor parameter is in two sets, so each

@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     fast.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                       help="capture the whole training step (forward, three gradient sets, their averaging, "
                            "three optimizer steps) in one CUDA graph and replay it")
+    fast.add_argument("--batched-backward", action="store_true",
+                      help="experiment: the logit and adversarial gradient sets through the extractors in one "
+                           "batched backward (same values; benchmarks/step.py measures whether it pays)")
     fast.add_argument("--hw-decoder-load", type=float, default=0.65,
                       help="DALI on a GPU: share of JPEG decoding given to the hardware decoder (0..1)")
     fast.add_argument("--prefetch", type=int, default=2, help="DALI: batches prepared ahead (prefetch queue depth)")
@@ -245,7 +248,7 @@ def main(argv=None) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     step = afd.DualStep(model, lr=args.lr, weight_decay=args.weight_decay, adv_lr=args.adv_lr,
                         average_gradients=average_across_processes if world > 1 else None, amp=args.amp,
-                        capturable=args.cuda_graph)
+                        capturable=args.cuda_graph, batched_backward=args.batched_backward)
     train_step = GraphedStep(step) if args.cuda_graph else step
     schedules = {name: torch.optim.lr_scheduler.MultiStepLR(
                      opt, list(args.adv_milestones if name != "logit" else args.milestones), 0.1)

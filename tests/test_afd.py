@@ -270,3 +270,21 @@ def test_reference_losses_give_the_fused_step():
     afd.DualStep(model, adv_lr=1e-3)(images.double(), target)
     afd.DualStep(twin, adv_lr=1e-3)(images.double(), target)
     _assert_same_parameters(model, twin, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("names", [("resnet20", "resnet20"), ("resnet20", "wrn-16-2", "resnet32")])
+def test_batched_dual_backward_gives_the_same_gradient_sets(names):
+    torch.manual_seed(0)
+    model = afd.AFDModel([build_network(n, 10) for n in names], method="afd", topology="cyclic").double()
+    images, target = _batch(6)
+    torch.manual_seed(1)
+    separate = afd.gradient_sets(model, model(images.double(), target))
+    batched = afd.gradient_sets(model, model(images.double(), target, cut_at_features=True))
+    assert [len(p) for p, _ in separate] == [len(p) for p, _ in batched]
+    for (params, a), (_, b) in zip(separate, batched):
+        for p, ga, gb in zip(params, a, b):
+            torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
+    twin = copy.deepcopy(model)
+    afd.DualStep(model, adv_lr=1e-3, batched_backward=True)(images.double(), target)
+    afd.DualStep(twin, adv_lr=1e-3)(images.double(), target)
+    _assert_same_parameters(model, twin, rtol=1e-9, atol=1e-11)

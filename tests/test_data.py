@@ -143,3 +143,31 @@ def test_dali_names_a_corrupt_file_it_cannot_decode(tmp_path, train):
     with pytest.raises(BadDataError, match=r"4.jpg' cannot be decoded.*--verify-images --skip-bad-files"):
         for _ in DALILoader(fl, 32, 2, train=train, threads=1):
             pass
+
+
+def test_torchvision_loader_names_a_corrupt_file(tmp_path):
+    from afd_fast.data import build_loaders
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for i in range(4):
+            _jpeg(tmp_path / split / "a" / f"{i}.jpg", seed=i)
+    _corrupt_middle(tmp_path / "val" / "a" / "2.jpg")
+    loaders = build_loaders(str(tmp_path), 32, 2, 0, 0, backend="torch")
+    with pytest.raises(BadDataError, match=r"2.jpg' cannot be decoded"):
+        list(loaders.val)
+
+
+def test_random_batches_are_fixed_device_tensors():
+    from afd_fast.data import RandomBatches
+
+    source = RandomBatches(5, 24, 7, steps=6, dtype=torch.bfloat16, distinct=2, seed=3)
+    batches = list(source)
+    assert len(source) == 6 == len(batches)
+    images, labels = batches[0]
+    assert images.shape == (5, 3, 24, 24) and images.dtype == torch.bfloat16
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and 0 <= int(labels.min()) and int(labels.max()) < 7
+    assert batches[2][0] is images and not torch.equal(batches[1][0], images)  # reused in turn, no copies
+    again = RandomBatches(5, 24, 7, steps=1, dtype=torch.bfloat16, distinct=2, seed=3)
+    assert torch.equal(next(iter(again))[0], images)

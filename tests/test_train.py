@@ -66,8 +66,8 @@ def test_three_networks_cyclic(tmp_path, tiny_data):
     assert summary["topology"] == "cyclic" and "net2_top1" in summary
 
 
-@pytest.mark.parametrize("speed", [[], ["--amp", "bf16", "--channels-last"], ["--amp", "fp16"]],
-                         ids=["float32", "bf16-channels-last", "fp16-loss-scale"])
+@pytest.mark.parametrize("speed", [[], ["--amp", "bf16", "--channels-last"], ["--amp", "fp16", "--batched-backward"]],
+                         ids=["float32", "bf16-channels-last", "fp16-loss-scale-batched-backward"])
 def test_resume_equals_uninterrupted_training(tmp_path, tiny_data, speed):
     common = ["--arch", "resnet20,resnet20", "--seed", "3", *speed]
     full, _ = _run(tmp_path / "a", tiny_data, *common, "--epochs", "2")

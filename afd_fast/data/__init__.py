@@ -15,7 +15,7 @@ from torchvision import datasets, transforms
 from afd_fast.data.cifar import CifarLoader, find_cifar, load_cifar
 from afd_fast.data.dali import DALILoader, dali_available
 from afd_fast.data.folder import BadDataError, FileList, list_image_folder
-from afd_fast.data.synthetic import synthetic_image_folder
+from afd_fast.data.synthetic import RandomBatches, synthetic_image_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BACKENDS = ("auto", "dali", "torch")
@@ -99,7 +99,13 @@ class _ListDataset(torch.utils.data.Dataset):
         return len(self.file_list.files)
 
     def __getitem__(self, i):
-        return self.transform(datasets.folder.default_loader(self.file_list.files[i])), self.file_list.labels[i]
+        path = self.file_list.files[i]
+        try:
+            image = datasets.folder.default_loader(path)
+        except OSError as e:  # PIL: truncated or undecodable
+            raise BadDataError(f"{path!r} cannot be decoded ({e}); leave such files out with "
+                               "--verify-images --skip-bad-files") from None
+        return self.transform(image), self.file_list.labels[i]
 
 
 def _torch_loaders(train_list: FileList, val_list: FileList, image_size, batch_size, workers, seed, rank,
@@ -124,4 +130,5 @@ def _torch_loaders(train_list: FileList, val_list: FileList, image_size, batch_s
     return Loaders(train_epoch, val, len(train), len(train_set), train_list.classes, "torch")
 
 
-__all__ = ["BACKENDS", "BadDataError", "Loaders", "build_loaders", "list_image_folder", "synthetic_image_folder"]
+__all__ = ["BACKENDS", "BadDataError", "Loaders", "RandomBatches", "build_loaders", "list_image_folder",
+           "synthetic_image_folder"]
