@@ -14,6 +14,7 @@ place, so a graph never needs re-capture for them; a batch of another shape or d
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 
@@ -54,7 +55,9 @@ class GraphedStep:
 
     def _on_side_stream(self, images, target):
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), warnings.catch_warnings():
+            # optimizers built for capture warn when they run uncaptured: these steps are meant to
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             out = self.step(images, target)
         torch.cuda.current_stream().wait_stream(self.stream)
         return out

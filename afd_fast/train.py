@@ -49,9 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="afd", choices=afd.METHODS)
     p.add_argument("--topology", default=None, choices=("pair", "cyclic"),
                    help="who learns from whom (default: pair for 2 networks, cyclic for more)")
-    p.add_argument("--data", default=None, help="ImageNet-layout folder (train/<class>/, val/<class>/) or "
-                                                "CIFAR-10/100 in the python format (cifar-10-batches-py, "
-                                                "cifar-100-python); default: the embedded synthetic set")
+    p.add_argument("--data", default=None, help="ImageNet-layout folder (train/<class>/, val/<class>/), a folder "
+                                                "with file lists train.txt and val.txt ('<path> <label>' lines, "
+                                                "paths relative to it) or CIFAR-10/100 in the python format "
+                                                "(cifar-10-batches-py, cifar-100-python); default: the embedded "
+                                                "synthetic set")
     p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="hyper-parameters of a schedule (default: quick without --data, cifar-paper or "
                         "imagenet-paper by architecture otherwise); flags override it")
@@ -222,6 +224,7 @@ def set_rng_state(state: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
     is_main = rank == 0
     torch.manual_seed(args.seed)
     random.seed(args.seed)

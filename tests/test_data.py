@@ -171,3 +171,37 @@ def test_random_batches_are_fixed_device_tensors():
     assert batches[2][0] is images and not torch.equal(batches[1][0], images)  # reused in turn, no copies
     again = RandomBatches(5, 24, 7, steps=1, dtype=torch.bfloat16, distinct=2, seed=3)
     assert torch.equal(next(iter(again))[0], images)
+
+
+@needs_data
+@needs_dali
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dali_low_precision_output(dtype):
+    fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
+    want, _ = next(iter(DALILoader(fl, 32, 8, train=False, threads=2)))
+    got, _ = next(iter(DALILoader(fl, 32, 8, train=False, threads=2, dtype=dtype)))
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_file_list_input(tmp_path):
+    from afd_fast.data import build_loaders
+    from afd_fast.data.folder import read_file_list
+
+    (tmp_path / "img").mkdir()
+    for i in range(6):
+        _jpeg(tmp_path / "img" / f"{i} a.jpg", seed=i, size=48)  # a space in the name: the label is the last field
+    (tmp_path / "train.txt").write_text("# path label\n" + "".join(f"img/{i} a.jpg {i % 3}\n" for i in range(4)))
+    (tmp_path / "val.txt").write_text("img/4 a.jpg 0\n\nimg/5 a.jpg 2\n")
+    fl = read_file_list(str(tmp_path / "train.txt"))
+    assert [os.path.basename(p) for p in fl.files] == [f"{i} a.jpg" for i in range(4)]
+    assert fl.labels == [0, 1, 2, 0] and fl.classes == ["0", "1", "2"]
+    loaders = build_loaders(str(tmp_path), 32, 2, 0, 0, backend="torch")
+    assert loaders.num_classes == 3 and loaders.train_size == 4
+    images, labels = next(iter(loaders.val))
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 2]
+    for text, message in (("img/0 a.jpg x\n", r"train.txt:1: expected '<path> <label>'"),
+                          ("img/9.jpg 1\n", r"train.txt:1: .*9.jpg' does not exist"), ("", "lists no images")):
+        (tmp_path / "train.txt").write_text(text)
+        with pytest.raises(BadDataError, match=message):
+            read_file_list(str(tmp_path / "train.txt"))

@@ -160,3 +160,15 @@ def test_real_imagenet_jpegs_train_above_chance(tmp_path):
                       "--lr", "0.05", "--adv-lr", "2e-4", "--workers", "2")
     assert summary["val_images"] == 500
     assert summary["ensemble_top1"] > 20, summary
+
+
+def test_verify_images_finds_a_corrupt_file_and_skip_leaves_it_out(tmp_path, tiny_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "train" / "class001" / "00003.jpg"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[:20] + bytes(range(256)) * (len(raw) // 256) + raw[-2:])  # markers intact, data garbage
+    with pytest.raises(BadDataError, match=r"00003.jpg': cannot be decoded"):
+        _run(tmp_path / "a", str(data), "--verify-images", "--max-steps", "1")
+    summary, _ = _run(tmp_path / "b", str(data), "--verify-images", "--skip-bad-files", "--max-steps", "1")
+    assert summary["steps"] == 1 and "skipped 1 unreadable or non-image files" in capsys.readouterr().err

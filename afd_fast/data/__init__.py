@@ -14,7 +14,7 @@ from torchvision import datasets, transforms
 
 from afd_fast.data.cifar import CifarLoader, find_cifar, load_cifar
 from afd_fast.data.dali import DALILoader, dali_available
-from afd_fast.data.folder import BadDataError, FileList, list_image_folder
+from afd_fast.data.folder import BadDataError, FileList, list_image_folder, read_file_list
 from afd_fast.data.synthetic import RandomBatches, synthetic_image_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -42,7 +42,8 @@ def build_loaders(root: str, image_size: int, batch_size: int, workers: int, see
                   world_size: int = 1, backend: str = "auto", device: torch.device = torch.device("cpu"),
                   skip_bad: bool = False, hw_decoder_load: float = 0.65, prefetch: int = 2,
                   dtype: torch.dtype = torch.float32, verify: bool = False) -> Loaders:
-    """Loaders for an ImageNet-layout folder, or for CIFAR's python format when root holds it.
+    """Loaders for an ImageNet-layout folder (``train/<class>/``, ``val/<class>/``), for the file
+    lists ``train.txt`` and ``val.txt`` in root when it has both, or for CIFAR's python format.
     ``hw_decoder_load``, ``prefetch`` and ``dtype`` (float32, float16: DALI's own output type) apply
     to DALI; ``workers`` is DALI's thread count or the DataLoader's process count (and the decode
     check's with ``verify``, see :func:`list_image_folder`)."""
@@ -53,8 +54,14 @@ def build_loaders(root: str, image_size: int, batch_size: int, workers: int, see
         return _cifar_loaders(cifar, batch_size, seed, rank, world_size, device)
     device_id = device.index if device.type == "cuda" else None
     checks = dict(skip_bad=skip_bad, verify=verify, workers=max(workers, 1))
-    train_list = list_image_folder(os.path.join(root, "train"), **checks)
-    val_list = list_image_folder(os.path.join(root, "val"), **checks)
+    if all(os.path.isfile(os.path.join(root, f"{split}.txt")) for split in ("train", "val")):
+        train_list = read_file_list(os.path.join(root, "train.txt"), **checks)
+        val_list = read_file_list(os.path.join(root, "val.txt"), **checks)
+        classes = max(train_list.classes, val_list.classes, key=len)
+        train_list.classes = val_list.classes = classes
+    else:
+        train_list = list_image_folder(os.path.join(root, "train"), **checks)
+        val_list = list_image_folder(os.path.join(root, "val"), **checks)
     if val_list.classes != train_list.classes:
         raise BadDataError(f"train/ and val/ of {root!r} have different class folders")
     skipped = len(train_list.skipped) + len(val_list.skipped)

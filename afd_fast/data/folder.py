@@ -1,6 +1,8 @@
-"""Listing of ImageNet-layout folders (``<split>/<class>/<image>``) with clear errors.
+"""Listing of ImageNet-layout folders (``<split>/<class>/<image>``) and file lists, with clear errors.
 
-Class index = position of the folder name in sorted order, as torchvision's ImageFolder.
+Class index = position of the folder name in sorted order, as torchvision's ImageFolder. A file
+list (DALI's ``file_list`` format) has one ``<path> <label>`` line per image, the path relative to
+the list's folder (or absolute), the label an integer class index.
 
 Every file gets cheap checks at listing: an image extension, an image signature in its first
 bytes, and for JPEGs the end-of-image marker near the end (a truncated file lacks it: the marker
@@ -58,6 +60,42 @@ def list_image_folder(split_root: str, skip_bad: bool = False, verify: bool = Fa
         files += good
         labels += [index] * len(good)
     return FileList(files, labels, classes, [p for p in paths if p in problems])
+
+
+def read_file_list(list_path: str, skip_bad: bool = False, verify: bool = False, workers: int = 1) -> FileList:
+    """The images and labels of a ``<path> <label>`` file list; the same checks as
+    :func:`list_image_folder`, plus a line that does not parse or names a missing file raises
+    with its line number. Classes are ``"0" .. str(max label)``."""
+    if not os.path.isfile(list_path):
+        raise BadDataError(f"file list {list_path!r} does not exist")
+    base = os.path.dirname(os.path.abspath(list_path))
+    paths, labels = [], []
+    with open(list_path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.rstrip("\n").rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise BadDataError(f"{list_path}:{number}: expected '<path> <label>' with an integer label >= 0, "
+                                   f"got {line.strip()!r}")
+            path = os.path.join(base, parts[0].strip())
+            if not os.path.isfile(path):
+                raise BadDataError(f"{list_path}:{number}: {path!r} does not exist")
+            paths.append(path)
+            labels.append(int(parts[1]))
+    if not paths:
+        raise BadDataError(f"file list {list_path!r} lists no images")
+    problems = {p: why for p, why in zip(paths, map(_problem, paths)) if why}
+    if verify:
+        problems.update(decode_problems([p for p in paths if p not in problems], workers))
+    if problems and not skip_bad:
+        path = next(p for p in paths if p in problems)
+        raise BadDataError(f"{path!r} (in {list_path}): {problems[path]}; {SKIP_HINT}")
+    kept = [(p, y) for p, y in zip(paths, labels) if p not in problems]
+    if not kept:
+        raise BadDataError(f"file list {list_path!r} has no usable images")
+    return FileList([p for p, _ in kept], [y for _, y in kept], [str(i) for i in range(max(labels) + 1)],
+                    [p for p in paths if p in problems])
 
 
 def _problem(path: str) -> str | None:
