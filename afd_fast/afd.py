@@ -128,6 +128,12 @@ class AFDModel(nn.Module):
     def network_parameters(self) -> list[nn.Parameter]:
         return [p for n in self.networks for p in n.parameters()]
 
+    def logit_parameters(self) -> list[nn.Parameter]:
+        """What the logit loss trains: the networks, and the transfer layers when it holds the L1
+        feature-map term (with the adversarial methods L_G trains them)."""
+        extra = list(self.transfers.parameters()) if self.spec.l1 and not self.spec.adversarial else []
+        return self.network_parameters() + extra
+
     def generator_parameters(self) -> list[nn.Parameter]:
         """G_k and T_k: what L_G trains (the heads play no part in it)."""
         return [p for n in self.networks for p in n.extractor_parameters()] + list(self.transfers.parameters())
@@ -186,7 +192,7 @@ def gradient_sets(model: AFDModel, losses: dict[str, torch.Tensor],
     When the forward was cut at the feature maps (``cut`` in losses), the logit and generator sets
     go down to the maps separately and then through the extractors in one backward with two
     stacked gradient outputs (``is_grads_batched``) instead of two passes: the same values."""
-    groups = [("logit", model.network_parameters())]
+    groups = [("logit", model.logit_parameters())]
     if model.spec.adversarial:
         groups += [("generator", model.generator_parameters()), ("discriminator", model.discriminator_parameters())]
     scaled = {name: losses[name] if loss_scale is None else losses[name] * loss_scale for name, _ in groups}
@@ -284,14 +290,14 @@ class DualStep:
             return torch.tensor(value, dtype=torch.float32, device=self.device) if fused else value
 
         adam = dict(weight_decay=adv_weight_decay, fused=fused or None, capturable=capturable)
-        self.optimizers = {"logit": torch.optim.SGD(model.network_parameters(), lr=rate(lr), momentum=momentum,
+        self.optimizers = {"logit": torch.optim.SGD(model.logit_parameters(), lr=rate(lr), momentum=momentum,
                                                     weight_decay=weight_decay, fused=fused or None)}
         if fused and momentum != 0:
             # torch's fused SGD allocates momentum buffers uninitialised (empty_like) on its first
             # step and fills them in the kernel, which returns early when found_inf is set: an fp16
             # overflow on step one would leave garbage. Zeros give the same first step (0.9*0 + g = g).
             sgd = self.optimizers["logit"]
-            for p in model.network_parameters():
+            for p in model.logit_parameters():
                 sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
         if model.spec.adversarial:
             self.optimizers["generator"] = torch.optim.Adam(model.generator_parameters(), lr=rate(adv_lr), **adam)
@@ -331,12 +337,23 @@ class DualStep:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Optimizer state, learning rates and loss scale from a checkpoint; how this run steps
+        (fused, capturable, device lr tensors, memory layout) stays as built, whatever the
+        checkpoint's run used. Load before a CUDA graph is captured."""
         for name, opt in self.optimizers.items():
-            rates = [group["lr"] for group in opt.param_groups]
+            built = [dict(group) for group in opt.param_groups]
             opt.load_state_dict(state[name])
-            for group, rate in zip(opt.param_groups, rates):
+            for group, before in zip(opt.param_groups, built):
+                for key in ("fused", "capturable", "foreach", "differentiable"):
+                    if key in before:
+                        group[key] = before[key]
+                rate = before["lr"]
                 if isinstance(rate, torch.Tensor):  # keep the device tensor (a CUDA graph may hold it)
                     rate.fill_(group["lr"])
                     group["lr"] = rate
+            for p, values in opt.state.items():  # moments in the parameter's layout (channels-last or not)
+                for key, value in values.items():
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                        values[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
         if self.loss_scale is not None and "loss_scale" in state:
             self.loss_scale.load_state_dict(state["loss_scale"])

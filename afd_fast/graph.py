@@ -46,7 +46,6 @@ class GraphedStep:
                 print(f"afd_fast: CUDA graph capture failed, training continues with eager steps "
                       f"(--no-cuda-graph hides this): {e}", file=sys.stderr)
                 self.disabled, self.graph = True, None
-                torch.cuda.synchronize()
                 return self.step(images, target)
         self.static_images.copy_(images, non_blocking=True)
         self.static_target.copy_(target, non_blocking=True)
@@ -67,7 +66,25 @@ class GraphedStep:
         self.static_target = torch.empty_like(target)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        # Capturing records kernels without running them: the step happens at the first replay.
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            self.static_out = self.step(self.static_images, self.static_target)
+        caller_stream, pool = torch.cuda.current_stream(), torch.cuda.graph_pool_handle()
+        try:
+            # Capturing records kernels without running them: the step happens at the first replay.
+            # thread_local: CUDA calls of other threads (DALI, pin-memory) may go on meanwhile.
+            with torch.cuda.graph(self.graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
+                self.static_out = self.step(self.static_images, self.static_target)
+        except RuntimeError:
+            _abandon_capture(caller_stream, pool)
+            raise
         self.captures += 1
+
+
+def _abandon_capture(caller_stream: torch.cuda.Stream, pool) -> None:
+    """After a failed capture: the caller's stream back and allocation into the graph's memory pool
+    ended. Some torch versions (2.11) leave both behind when ending a capture raises; the pool's
+    memory is left to the graph object (released with it, or kept: once per run)."""
+    torch.cuda.set_stream(caller_stream)
+    try:
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
+    except (AttributeError, RuntimeError):  # already ended by torch, or not in this version
+        pass
+    torch.cuda.synchronize()

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from afd_fast import afd
+from afd_fast import afd, ops
 from afd_fast.data import BACKENDS, BadDataError, build_loaders, synthetic_image_folder
 from afd_fast.graph import GraphedStep
 from afd_fast.models import NETWORKS, build_network
@@ -138,6 +138,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.cuda_graph and not cuda:
         print("afd_fast: --cuda-graph needs --device cuda: the CPU runs eager steps", file=sys.stderr)
     args.cuda_graph = cuda and args.cuda_graph is not False
+    if args.cuda_graph and not ops.HAS_EXTENSION:
+        print("afd_fast: no CUDA graph: afd_fast._C is not built and the plain-PyTorch losses read the peer "
+              "weights on the host (pip install --no-build-isolation -e .)", file=sys.stderr)
+        args.cuda_graph = False
+    if args.batched_backward and args.sync_bn:
+        p.error("--batched-backward cannot be combined with --sync-bn (SyncBatchNorm's backward all-reduces)")
     return args
 
 

@@ -288,3 +288,30 @@ def test_batched_dual_backward_gives_the_same_gradient_sets(names):
     afd.DualStep(model, adv_lr=1e-3, batched_backward=True)(images.double(), target)
     afd.DualStep(twin, adv_lr=1e-3)(images.double(), target)
     _assert_same_parameters(model, twin, rtol=1e-9, atol=1e-11)
+
+
+def test_l1_methods_train_their_transfer_layers():
+    torch.manual_seed(0)
+    model = afd.AFDModel([build_network("resnet20", 10), build_network("wrn-16-2", 10)], method="l1", topology="pair")
+    transfers = [p for p in model.transfers.parameters()]
+    assert transfers  # 64 -> 128 channels
+    before = [p.detach().clone() for p in transfers]
+    afd.DualStep(model, lr=0.1)(*_batch(4))
+    assert all(not torch.equal(a, p) for a, p in zip(before, transfers))
+
+
+def test_resume_keeps_how_this_run_steps():
+    plain = afd.DualStep(_pair(), lr=0.125, adv_lr=2 ** -10, fused=False)
+    plain(*_batch(4))
+    model = _pair().to(memory_format=torch.channels_last)
+    fused = afd.DualStep(model, lr=0.5, adv_lr=0.5, amp="fp16")
+    fused.load_state_dict(plain.state_dict())
+    for opt in fused.optimizers.values():
+        group = opt.param_groups[0]
+        assert group["fused"] and isinstance(group["lr"], torch.Tensor)
+        for p in group["params"]:
+            for value in opt.state[p].values():
+                if value.shape == p.shape:
+                    assert value.stride() == p.stride()  # the loaded moments follow this run's layout
+    assert float(fused.optimizers["logit"].param_groups[0]["lr"]) == 0.125
+    fused(*_batch(4))  # steps with found_inf on the fused optimizers

@@ -98,6 +98,7 @@ def test_non_finite_loss_stops_with_a_message(tmp_path, tiny_data):
     (["--amp", "fp8"], "invalid choice: 'fp8'"),
     (["--hw-decoder-load", "1.5"], "--hw-decoder-load must lie in [0, 1]"),
     (["--prefetch", "0"], "--prefetch must be at least 1"),
+    (["--batched-backward", "--sync-bn", "--device", "cpu"], "--sync-bn"),
 ])
 def test_bad_arguments_fail_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
