@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--print-every", type=int, default=20, help="steps between progress lines")
     p.add_argument("--sync-bn", action="store_true",
                    help="share batch-norm statistics across processes (CUDA; default: per process, as DDP)")
-    fast = p.add_argument_group("speed (defaults: all on with --device cuda, off on the CPU)")
+    fast = p.add_argument_group("speed", "--amp, --channels-last and --cuda-graph are on by default with "
+                                         "--device cuda and off on the CPU")
     fast.add_argument("--amp", choices=afd.AMP_DTYPES, default=None,
                       help="autocast the forward in bf16 or fp16 (fp16 adds on-device loss scaling); "
                            "default bf16 on CUDA, off on the CPU")
