@@ -56,6 +56,40 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters
     return statistics.median(times)
 
 
+def epoch_throughput(epochs: Callable[[int], object], consume: Callable[[object], int], device: torch.device,
+                     batches: int, warmup: int = 1) -> float:
+    """Images/s of ``consume(batch)`` (which returns the batch's image count) over ``batches``
+    batches drawn from ``epochs(0)``, ``epochs(1)``, ... Not timed: the first ``warmup`` batches and
+    the first batch of every epoch (a pipeline's start-up, once per epoch: negligible for
+    ImageNet-sized epochs, large for the small data sets benchmarked here)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timed = images = processed = epoch = 0
+    seconds = 0.0
+    while timed < batches:
+        start, in_epoch = None, 0
+        for batch in epochs(epoch):
+            n = consume(batch)
+            processed += 1
+            in_epoch += 1
+            if start is None:
+                if processed >= warmup:
+                    sync()
+                    start = time.perf_counter()
+                continue
+            timed += 1
+            images += n
+            if timed == batches:
+                break
+        if start is not None:
+            sync()
+            seconds += time.perf_counter() - start
+        if in_epoch < 2:
+            raise RuntimeError(f"epoch {epoch} gave {in_epoch} batch(es): the benchmark needs at least 2 per epoch "
+                               "(a smaller batch size, or more images)")
+        epoch += 1
+    return images / seconds
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

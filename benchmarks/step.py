@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,12 +30,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from afd_fast import afd  # noqa: E402
+from afd_fast import afd, ops  # noqa: E402
 from afd_fast.data import RandomBatches, build_loaders  # noqa: E402
 from afd_fast.graph import GraphedStep  # noqa: E402
 from afd_fast.models import build_network  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GRAPH_WARMUP = 4  # GraphedStep: 3 eager steps, then the capture (replayed from the 4th call)
 IMAGENETTE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "imagenette-mini")
 
 
@@ -76,7 +76,7 @@ def ladder(cuda: bool) -> list[Variant]:
              Variant("+ AMP bf16", amp="bf16"),
              Variant("+ channels-last", amp="bf16", channels_last=True),
              Variant("+ fused ops", amp="bf16", channels_last=True, fused=True)]
-    if cuda:
+    if cuda and ops.HAS_EXTENSION:  # without _C the losses read weights on the host: no capture
         steps.append(Variant("+ CUDA graph", amp="bf16", channels_last=True, fused=True, graph=True))
     else:  # CPUs without fast bf16 lose with autocast: show the fused ops on float32 too
         steps.append(Variant("fp32 + fused ops (no AMP)", fused=True))
@@ -103,38 +103,28 @@ def time_step(config: Config, variant: Variant, device: torch.device, warmup: in
         torch.cuda.reset_peak_memory_stats(device)
     ms = common.median_ms(lambda: step(*next(source)), device, warmup, iters)
     result = {"ms": ms, "img_per_s": config.batch_size / (ms * 1e-3)}
+    if isinstance(step, GraphedStep):
+        result.update(cuda_graph_captures=step.captures, cuda_graph_failed=step.disabled)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
 
 
 def time_end_to_end(config: Config, variant: Variant, device: torch.device, data: str, steps: int) -> dict:
-    """The trainer's data path (DALI when installed) feeding the best step, from JPEG files."""
+    """The trainer's data path (DALI when installed) feeding the step of ``variant``, from JPEG files."""
     loaders = build_loaders(data, config.image_size, config.batch_size, workers=min(os.cpu_count() or 1, 8), seed=0,
                             device=device)
     config = Config(config.name, config.archs, config.image_size, config.batch_size, loaders.num_classes)
     step = build_step(config, variant, device)
     layout = torch.channels_last if variant.channels_last else torch.contiguous_format
-    done, epoch, start, images = 0, 0, None, 0
-    warmup = min(3, steps // 2)
-    while done < steps + warmup:
-        for batch, target in loaders.train_epoch(epoch):
-            if done == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start, images = time.perf_counter(), 0
-            batch = batch.to(device, non_blocking=True).contiguous(memory_format=layout)
-            step(batch, target.to(device, non_blocking=True))
-            done += 1
-            images += batch.shape[0]
-            if done >= steps + warmup:
-                break
-        epoch += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {"img_per_s": images / seconds, "ms": 1e3 * seconds * config.batch_size / images,
-            "loader": loaders.backend}
+
+    def train(batch) -> int:
+        images, target = batch
+        step(images.to(device, non_blocking=True).contiguous(memory_format=layout), target.to(device, non_blocking=True))
+        return images.shape[0]
+
+    rate = common.epoch_throughput(loaders.train_epoch, train, device, steps, warmup=GRAPH_WARMUP if variant.graph else 1)
+    return {"img_per_s": rate, "ms": 1e3 * config.batch_size / rate, "loader": loaders.backend}
 
 
 def draw(results: list[dict], title: str, path: str) -> None:
@@ -187,13 +177,13 @@ def main(argv=None) -> dict:
         setting = f"({', '.join(config.archs)}) {config.image_size} px, batch {config.batch_size}"
         measured = []
         for variant in ladder(cuda):
-            warm = max(warmup, 4) if variant.graph else warmup  # the graphed step captures after 3 eager steps
+            warm = max(warmup, GRAPH_WARMUP) if variant.graph else warmup
             measured.append((variant, time_step(config, variant, device, warm, iters)))
         # the vanilla pair and the end-to-end run use the settings of the fastest AFD variant
         best = min(measured, key=lambda m: m[1]["ms"])
         vanilla = replace(best[0], method="vanilla", label=f"vanilla pair (as '{best[0].label}')")
-        measured.append((vanilla, time_step(config, vanilla, device, max(warmup, 4) if vanilla.graph else warmup,
-                                            iters)))
+        measured.append((vanilla, time_step(config, vanilla, device,
+                                            max(warmup, GRAPH_WARMUP) if vanilla.graph else warmup, iters)))
         overhead = best[1]["ms"] / measured[-1][1]["ms"]
         if config.name == "imagenet" and args.data and os.path.isdir(args.data):
             e2e = time_end_to_end(config, best[0], device, args.data, steps=max(iters, 3))
@@ -206,7 +196,8 @@ def main(argv=None) -> dict:
                                   "cuda_graph": variant.graph, "method": variant.method,
                                   "batched_backward": variant.batched_backward}}
             results.append(entry)
-            rows.append([config.name, variant.label, f"{m['ms']:.1f}", f"{m['img_per_s']:.0f}", f"{entry['vs_first']:.2f}x"]
+            label = variant.label + (" (capture failed: eager)" if m.get("cuda_graph_failed") else "")
+            rows.append([config.name, label, f"{m['ms']:.1f}", f"{m['img_per_s']:.0f}", f"{entry['vs_first']:.2f}x"]
                         + ([f"{m['peak_memory_gib']:.1f}" if "peak_memory_gib" in m else ""] if cuda else []))
         print(f"{setting}: fastest AFD step ({best[0].label}) / vanilla pair step = {overhead:.2f}x")
     headers = ["config", "variant", "ms/step", "img/s", "vs first"] + (["peak GiB"] if cuda else [])

@@ -23,6 +23,7 @@ def _run(script, tmp_path, *args):
 
 @pytest.mark.slow
 def test_step_benchmark_ladder(tmp_path):
+    pytest.importorskip("matplotlib")
     payload, stdout, out = _run("step", tmp_path, "--quick", "--data", IMAGENETTE)
     for config in ("imagenet", "cifar"):
         rows = [r for r in payload["results"] if r["config"] == config]
@@ -33,7 +34,11 @@ def test_step_benchmark_ladder(tmp_path):
         for r in rows:
             assert r["img_per_s"] > 0 and r["ms"] > 0
             assert r["vs_first"] == pytest.approx(r["img_per_s"] / rows[0]["img_per_s"])
-        assert rows[0]["afd_over_vanilla"] > 0
+        afd_rows = [r for r in rows if r["settings"]["method"] == "afd" and not r["variant"].startswith("end to end")]
+        fastest = min(afd_rows, key=lambda r: r["ms"])
+        vanilla = next(r for r in rows if r["variant"].startswith("vanilla pair"))
+        assert {**vanilla["settings"], "method": "afd"} == fastest["settings"]
+        assert rows[0]["afd_over_vanilla"] == pytest.approx(fastest["ms"] / vanilla["ms"])
     if os.path.isdir(IMAGENETTE):
         assert any(r["variant"].startswith("end to end from JPEG") for r in payload["results"])
     assert "vanilla pair step =" in stdout and os.path.getsize(out.with_suffix(".png")) > 10_000

@@ -127,8 +127,13 @@ def test_truncated_and_corrupt_jpegs(tmp_path):
     assert len(list_image_folder(str(root)).files) == 2  # the cheap checks cannot see it
     with pytest.raises(BadDataError, match=r"1.jpg'.*cannot be decoded"):
         list_image_folder(str(root), verify=True)
-    fl = list_image_folder(str(root), skip_bad=True, verify=True, workers=2)
+    fl = list_image_folder(str(root), skip_bad=True, verify=True)
     assert [os.path.basename(p) for p in fl.files] == ["2.jpg"] and len(fl.skipped) == 1
+    for i in range(3, 70):  # enough files for the process pool
+        _jpeg(root / "a" / f"{i}.jpg", seed=i, size=16)
+    _corrupt_middle(root / "a" / "50.jpg")
+    fl = list_image_folder(str(root), skip_bad=True, verify=True, workers=2)
+    assert sorted(os.path.basename(p) for p in fl.skipped) == ["1.jpg", "50.jpg"] and len(fl.files) == 67
 
 
 @needs_dali
@@ -136,11 +141,11 @@ def test_truncated_and_corrupt_jpegs(tmp_path):
 def test_dali_names_a_corrupt_file_it_cannot_decode(tmp_path, train):
     root = tmp_path / "val"
     (root / "a").mkdir(parents=True)
-    for i in range(6):
-        _jpeg(root / "a" / f"{i}.jpg", seed=i)
-    _corrupt_middle(root / "a" / "4.jpg")
+    for i in range(40):  # the corrupt file far behind the first batches: found by the reader's position
+        _jpeg(root / "a" / f"{i:02d}.jpg", seed=i, size=96)
+    _corrupt_middle(root / "a" / "33.jpg")
     fl = list_image_folder(str(root))
-    with pytest.raises(BadDataError, match=r"4.jpg' cannot be decoded.*--verify-images --skip-bad-files"):
+    with pytest.raises(BadDataError, match=r"33.jpg' cannot be decoded.*--verify-images --skip-bad-files"):
         for _ in DALILoader(fl, 32, 2, train=train, threads=1):
             pass
 

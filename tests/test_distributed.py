@@ -49,11 +49,12 @@ def test_two_processes_equal_one_process_averaging_shard_gradients(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_under_torchrun(tmp_path):
+@pytest.mark.parametrize("speed", [[], ["--amp", "fp16", "--channels-last"]], ids=["float32", "fp16-channels-last"])
+def test_cli_under_torchrun(tmp_path, speed):
     data = synthetic_image_folder(str(tmp_path / "data"), num_classes=3, train_per_class=16, val_per_class=5)
     out = tmp_path / "out"
     proc = _torchrun("-m", "afd_fast.train", "--data", data, "--output", str(out), "--workers", "0",
-                     "--batch-size", "8", "--epochs", "1", "--max-steps", "2")
+                     "--batch-size", "8", "--epochs", "1", "--max-steps", "2", *speed)
     assert "2 process(es)" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2

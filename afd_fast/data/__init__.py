@@ -52,7 +52,9 @@ def build_loaders(root: str, image_size: int, batch_size: int, workers: int, see
     cifar = find_cifar(root)
     if cifar is not None:
         return _cifar_loaders(cifar, batch_size, seed, rank, world_size, device)
-    device_id = device.index if device.type == "cuda" else None
+    device_id = None
+    if device.type == "cuda":  # a plain "cuda" device has no index: the current one
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
     checks = dict(skip_bad=skip_bad, verify=verify, workers=max(workers, 1))
     if all(os.path.isfile(os.path.join(root, f"{split}.txt")) for split in ("train", "val")):
         train_list = read_file_list(os.path.join(root, "train.txt"), **checks)

@@ -54,7 +54,7 @@ class DALILoader:
         def pipeline():
             jpegs, labels = fn.readers.file(
                 files=file_names, labels=file_labels, shard_id=shard_id, num_shards=num_shards,
-                pad_last_batch=not train, name="Reader")
+                stick_to_shard=True, pad_last_batch=not train, name="Reader")
             extra = {"hw_decoder_load": hw_decoder_load} if gpu else {}
             if train:
                 images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
@@ -86,7 +86,9 @@ class DALILoader:
             self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
                                                last_batch_policy=policy, auto_reset=True)
         except RuntimeError as e:
-            raise BadDataError(self._decode_failure(e, 0)) from None
+            if not _is_decode_error(e):
+                raise
+            raise BadDataError(self._decode_failure(e, 0)) from e
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -98,7 +100,9 @@ class DALILoader:
                 yield self._to_torch(batch["images"], batch["labels"])
                 position += 1
         except RuntimeError as e:
-            raise BadDataError(self._decode_failure(e, position)) from None
+            if not _is_decode_error(e):
+                raise
+            raise BadDataError(self._decode_failure(e, position)) from e
 
     def _decode_failure(self, error: RuntimeError, batch: int) -> str:
         """Names the file DALI failed on: the one its message names, else the undecodable files
@@ -134,6 +138,11 @@ class DALILoader:
             imgs, lbls = self._to_torch(torch.from_numpy(images.as_array()), torch.from_numpy(labels.as_array()))
             yield imgs[:take], lbls[:take], [bytes(paths.at(i)).decode() for i in range(take)]
             seen += take
+
+
+def _is_decode_error(error: RuntimeError) -> bool:
+    """DALI's errors from its image decoders (not e.g. out of memory elsewhere in the pipeline)."""
+    return "fn.decoders." in str(error)
 
 
 def _shard_size(n: int, shard_id: int, num_shards: int) -> int:

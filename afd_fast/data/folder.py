@@ -6,8 +6,10 @@ the list's folder (or absolute), the label an integer class index.
 
 Every file gets cheap checks at listing: an image extension, an image signature in its first
 bytes, and for JPEGs the end-of-image marker near the end (a truncated file lacks it: the marker
-cannot occur inside JPEG entropy-coded data). ``verify=True`` also decodes every file fully (PIL, in
-parallel), which finds corruption inside a file too; it costs a pass over the data set."""
+cannot occur inside JPEG entropy-coded data; a file without it in its last KiB, such as one with
+appended data, is decoded to decide). ``verify=True`` decodes every file fully (PIL, in parallel)
+to find files whose inside does not decode (broken headers or markers); damage that still decodes,
+to wrong pixels, no decoder can see. It costs a pass over the data set."""
 from __future__ import annotations
 
 import os
@@ -108,8 +110,8 @@ def _problem(path: str) -> str | None:
         if head.startswith(_JPEG):
             size = f.seek(0, os.SEEK_END)
             f.seek(max(size - _JPEG_TAIL, 0))
-            if _JPEG_END not in f.read():
-                return "truncated JPEG (no end-of-image marker)"
+            if _JPEG_END not in f.read() and _decode_problem(path):
+                return "truncated JPEG (no end-of-image marker, does not decode)"
     return None
 
 
