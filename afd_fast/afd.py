@@ -351,9 +351,16 @@ class DualStep:
                 if isinstance(rate, torch.Tensor):  # keep the device tensor (a CUDA graph may hold it)
                     rate.fill_(group["lr"])
                     group["lr"] = rate
-            for p, values in opt.state.items():  # moments in the parameter's layout (channels-last or not)
-                for key, value in values.items():
-                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                        values[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+            for group in opt.param_groups:
+                steps_on_device = group.get("fused") or group.get("capturable")
+                for p in group["params"]:
+                    values = opt.state.get(p, {})
+                    for key, value in values.items():
+                        if not isinstance(value, torch.Tensor):
+                            continue
+                        if value.shape == p.shape:  # moments in the parameter's layout (channels-last or not)
+                            values[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                        elif key == "step" and steps_on_device:  # fused/capturable Adam counts on the device
+                            values[key] = value.to(p.device, torch.float32)
         if self.loss_scale is not None and "loss_scale" in state:
             self.loss_scale.load_state_dict(state["loss_scale"])

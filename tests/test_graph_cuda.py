@@ -146,3 +146,19 @@ def test_trainer_with_every_speed_flag(tmp_path, amp, capfd):
     assert "CUDA graph capture failed" not in capfd.readouterr().err
     for key in ("net0_top1", "net1_top1"):
         assert abs(full[key] - resumed[key]) <= 100 / 24 + 1e-9  # at most one image of 24 flips (reduced precision)
+
+
+def test_resume_from_an_eager_checkpoint_into_a_graphed_run():
+    plain = afd.DualStep(_pair(channels_last=False), adv_lr=1e-3, fused=False)  # CPU-style state: step on the host
+    images, target = _batches(1)[0]
+    plain(images.contiguous(), target)
+    step = afd.DualStep(_pair(), adv_lr=1e-3, amp="fp16", capturable=True)
+    step.load_state_dict(plain.state_dict())
+    adam = step.optimizers["generator"]
+    first = adam.param_groups[0]["params"][0]
+    assert adam.param_groups[0]["capturable"] and adam.state[first]["step"].is_cuda
+    graphed = GraphedStep(step, warmup=1)
+    for images, target in _batches(3):
+        graphed(images, target)
+    torch.cuda.synchronize()
+    assert graphed.captures == 1 and not graphed.disabled
