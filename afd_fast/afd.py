@@ -149,8 +149,8 @@ class AFDModel(nn.Module):
 
         ``cut_at_features``: the heads, transfer layers and discriminators read detached copies of
         the feature maps (returned as ``cut``, the attached maps as ``features``), so that the
-        gradient sets can be taken down to the maps first and through the extractors in one
-        batched backward (:func:`gradient_sets` with ``batched=True``)."""
+        gradient sets can be taken down to the maps first and then through the extractors in one
+        batched backward (see :func:`gradient_sets`)."""
         losses = ops if self.fused_losses else reference
         features = [n.features(images) for n in self.networks]
         maps = [f.detach().requires_grad_() for f in features] if cut_at_features else features
@@ -222,8 +222,11 @@ def _batched_gradient_sets(model: AFDModel, features, cut, scaled, groups):
     for p, g in zip(extractor, through):
         if g is not None:
             grads[("logit", id(p))], grads[("generator", id(p))] = g[0], g[1]
-    return [(params, [grads.get((name, id(p))) if grads.get((name, id(p))) is not None else torch.zeros_like(p)
-                      for p in params]) for name, params in groups]
+    sets = []
+    for name, params in groups:
+        got = [grads.get((name, id(p))) for p in params]
+        sets.append((params, [torch.zeros_like(p) if g is None else g for p, g in zip(params, got)]))
+    return sets
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -239,11 +242,15 @@ class LossScale:
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
         self.growth_interval = growth_interval
 
-    def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Divides grads by the scale in place; returns found_inf (1.0 if any is inf/NaN, else 0.0)."""
-        found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.scale.reciprocal())
-        return found_inf
+    def unscale_(self, grad_sets: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Divides every gradient by the scale in place; returns one found_inf per set (1.0 if any
+        of its gradients is inf/NaN, else 0.0): each optimizer skips only its own bad step."""
+        inv_scale = self.scale.reciprocal()
+        found_infs = []
+        for grads in grad_sets:
+            found_infs.append(torch.zeros((), dtype=torch.float32, device=self.scale.device))
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_infs[-1], inv_scale)
+        return found_infs
 
     def update(self, found_infs: list[torch.Tensor]) -> None:
         torch._amp_update_scale_(self.scale, self.growth_tracker, torch.stack(found_infs).sum(),
@@ -312,15 +319,15 @@ class DualStep:
             losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
         sets = gradient_sets(self.model, losses, scale)
+        if self.average_gradients is not None:  # all three sets in one collective
+            self.average_gradients([g for _, grads in sets for g in grads])
+        if self.loss_scale is not None:
+            found_infs = self.loss_scale.unscale_([grads for _, grads in sets])
+            for optimizer, found_inf in zip(self.optimizers.values(), found_infs):
+                optimizer.grad_scale, optimizer.found_inf = None, found_inf
         # All sets exist before the first step; an extractor parameter is in two sets, so each
         # optimizer gets its own gradients right before it steps.
-        found_infs = []
         for (params, grads), optimizer in zip(sets, self.optimizers.values()):
-            if self.average_gradients is not None:
-                self.average_gradients(grads)
-            if self.loss_scale is not None:
-                optimizer.grad_scale, optimizer.found_inf = None, self.loss_scale.unscale_(grads)
-                found_infs.append(optimizer.found_inf)
             for p, g in zip(params, grads):
                 p.grad = g
             optimizer.step()
@@ -351,7 +358,6 @@ class DualStep:
                 if isinstance(rate, torch.Tensor):  # keep the device tensor (a CUDA graph may hold it)
                     rate.fill_(group["lr"])
                     group["lr"] = rate
-            for group in opt.param_groups:
                 steps_on_device = group.get("fused") or group.get("capturable")
                 for p in group["params"]:
                     values = opt.state.get(p, {})

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from afd_fast import afd, ops
 from afd_fast.data import BACKENDS, BadDataError, build_loaders, synthetic_image_folder
 from afd_fast.graph import GraphedStep
+from afd_fast.plotting import pyplot
 from afd_fast.models import NETWORKS, build_network
 
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -409,15 +410,8 @@ def write_outputs(args, model: afd.AFDModel, history: list[dict]) -> dict:
 
 
 def plot_curves(history: list[dict], k: int, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no curves.png (pip install matplotlib)", file=sys.stderr)
-        return
-    if not history:
+    plt = pyplot("curves.png")
+    if plt is None or not history:
         return
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))

@@ -34,6 +34,7 @@ from afd_fast import afd, ops  # noqa: E402
 from afd_fast.data import RandomBatches, build_loaders  # noqa: E402
 from afd_fast.graph import GraphedStep  # noqa: E402
 from afd_fast.models import build_network  # noqa: E402
+from afd_fast.plotting import pyplot  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRAPH_WARMUP = 4  # GraphedStep: 3 eager steps, then the capture (replayed from the 4th call)
@@ -128,13 +129,8 @@ def time_end_to_end(config: Config, variant: Variant, device: torch.device, data
 
 
 def draw(results: list[dict], title: str, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no bar chart", file=sys.stderr)
+    plt = pyplot("bar chart")
+    if plt is None:
         return
     configs = sorted({r["config"] for r in results}, key=[r["config"] for r in results].index)
     fig, axes = plt.subplots(1, len(configs), figsize=(7 * len(configs), 4.5), squeeze=False)

@@ -86,9 +86,8 @@ class DALILoader:
             self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
                                                last_batch_policy=policy, auto_reset=True)
         except RuntimeError as e:
-            if not _is_decode_error(e):
-                raise
-            raise BadDataError(self._decode_failure(e, 0)) from e
+            self._raise_if_bad_data(e, 0)
+            raise
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -100,14 +99,16 @@ class DALILoader:
                 yield self._to_torch(batch["images"], batch["labels"])
                 position += 1
         except RuntimeError as e:
-            if not _is_decode_error(e):
-                raise
-            raise BadDataError(self._decode_failure(e, position)) from e
+            self._raise_if_bad_data(e, position)
+            raise
 
-    def _decode_failure(self, error: RuntimeError, batch: int) -> str:
-        """Names the file DALI failed on: the one its message names, else the undecodable files
-        among the batches it may have been preparing (the current one and the prefetched ones)."""
+    def _raise_if_bad_data(self, error: RuntimeError, batch: int) -> None:
+        """A failure of DALI's image decoders becomes a BadDataError naming the file: the one DALI's
+        message names, else the undecodable files among the batches it may have been preparing
+        (the current one and the prefetched ones). Other errors (e.g. out of memory) pass."""
         message = str(error)
+        if "fn.decoders." not in message:
+            return
         named = [p for p in self.shard_files if p in message]
         if named:
             bad = {p: "cannot be decoded" for p in named}
@@ -120,8 +121,9 @@ class DALILoader:
         dali_said = after[0] if after else ""
         advice = "; leave such files out with --verify-images --skip-bad-files (a full decode check at start-up)"
         if not bad:
-            return f"DALI failed reading batch {batch} of this shard: {dali_said}{advice}"
-        return "; ".join(f"{p!r} {why}" for p, why in bad.items()) + f" (DALI: {dali_said}){advice}"
+            raise BadDataError(f"DALI failed reading batch {batch} of this shard: {dali_said}{advice}") from error
+        raise BadDataError("; ".join(f"{p!r} {why}" for p, why in bad.items())
+                           + f" (DALI: {dali_said}){advice}") from error
 
     def _to_torch(self, images: torch.Tensor, labels: torch.Tensor):
         images = images.permute(0, 3, 1, 2)  # HWC batch -> NCHW view, channels-last memory, no copy
@@ -138,11 +140,6 @@ class DALILoader:
             imgs, lbls = self._to_torch(torch.from_numpy(images.as_array()), torch.from_numpy(labels.as_array()))
             yield imgs[:take], lbls[:take], [bytes(paths.at(i)).decode() for i in range(take)]
             seen += take
-
-
-def _is_decode_error(error: RuntimeError) -> bool:
-    """DALI's errors from its image decoders (not e.g. out of memory elsewhere in the pipeline)."""
-    return "fn.decoders." in str(error)
 
 
 def _shard_size(n: int, shard_id: int, num_shards: int) -> int:

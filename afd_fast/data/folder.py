@@ -47,13 +47,7 @@ def list_image_folder(split_root: str, skip_bad: bool = False, verify: bool = Fa
     entries = [(index, sorted(e.path for e in os.scandir(os.path.join(split_root, name)) if e.is_file()))
                for index, name in enumerate(classes)]
     paths = [p for _, files in entries for p in files]
-    problems = {p: why for p, why in zip(paths, map(_problem, paths)) if why}
-    if verify:
-        problems.update(decode_problems([p for p in paths if p not in problems], workers))
-    if problems and not skip_bad:
-        path = next(p for p in paths if p in problems)
-        more = f" ({len(problems) - 1} more such files)" if len(problems) > 1 else ""
-        raise BadDataError(f"{path!r}: {problems[path]}{more}; {SKIP_HINT}")
+    problems = _problems(paths, skip_bad, verify, workers)
     files, labels = [], []
     for index, class_files in entries:
         good = [p for p in class_files if p not in problems]
@@ -87,17 +81,25 @@ def read_file_list(list_path: str, skip_bad: bool = False, verify: bool = False,
             labels.append(int(parts[1]))
     if not paths:
         raise BadDataError(f"file list {list_path!r} lists no images")
-    problems = {p: why for p, why in zip(paths, map(_problem, paths)) if why}
-    if verify:
-        problems.update(decode_problems([p for p in paths if p not in problems], workers))
-    if problems and not skip_bad:
-        path = next(p for p in paths if p in problems)
-        raise BadDataError(f"{path!r} (in {list_path}): {problems[path]}; {SKIP_HINT}")
+    problems = _problems(paths, skip_bad, verify, workers, where=f" (in {list_path})")
     kept = [(p, y) for p, y in zip(paths, labels) if p not in problems]
     if not kept:
         raise BadDataError(f"file list {list_path!r} has no usable images")
     return FileList([p for p, _ in kept], [y for _, y in kept], [str(i) for i in range(max(labels) + 1)],
                     [p for p in paths if p in problems])
+
+
+def _problems(paths: list[str], skip_bad: bool, verify: bool, workers: int, where: str = "") -> dict[str, str]:
+    """{path: why} of the bad files among paths (cheap checks, and a full decode with ``verify``);
+    raises on the first one unless ``skip_bad``."""
+    problems = {p: why for p, why in zip(paths, map(_problem, paths)) if why}
+    if verify:
+        problems.update(decode_problems([p for p in paths if p not in problems], workers))
+    if problems and not skip_bad:
+        path = next(p for p in paths if p in problems)
+        more = f" ({len(problems) - 1} more such files)" if len(problems) > 1 else ""
+        raise BadDataError(f"{path!r}{where}: {problems[path]}{more}; {SKIP_HINT}")
+    return problems
 
 
 def _problem(path: str) -> str | None:
