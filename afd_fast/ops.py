@@ -124,9 +124,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-if HAS_EXTENSION:
+def register_fake_and_autograd(namespace: str = "afd_fast") -> None:
+    """Fake kernels and autograd of the four operators of ``torch.ops.<namespace>``: the compiled
+    library here, and under the same contract the CUDA kernels built for the CPU emulation of
+    the tests (tests/cuda_emu)."""
+    lib = getattr(torch.ops, namespace)
 
-    @torch.library.register_fake("afd_fast::mutual_distillation_forward")
+    @torch.library.register_fake(f"{namespace}::mutual_distillation_forward")
     def _(logits, target, peer_weights, temperature, ce_weight, kd_weight, label_smoothing, compute_grad):
         torch._check(logits.dim() == 3, lambda: f"logits must be [M, B, C], got {tuple(logits.shape)}")
         torch._check(peer_weights.dim() == 2, lambda: "peer_weights must be [K, M]")
@@ -135,17 +139,17 @@ if HAS_EXTENSION:
         grad = logits.new_empty((k, logits.shape[1], logits.shape[2]) if compute_grad else (0,))
         return stats, torch.empty_like(stats), torch.empty_like(stats), grad
 
-    @torch.library.register_fake("afd_fast::mutual_distillation_backward")
+    @torch.library.register_fake(f"{namespace}::mutual_distillation_backward")
     def _(grad_loss, saved_grad, num_rows):
         return saved_grad.new_empty((num_rows, saved_grad.shape[1], saved_grad.shape[2]))
 
-    @torch.library.register_fake("afd_fast::lsgan_forward")
+    @torch.library.register_fake(f"{namespace}::lsgan_forward")
     def _(d_own, d_peer, real_label, fake_label):
         torch._check(d_own.dim() == 2, lambda: f"d_own must be [K, B], got {tuple(d_own.shape)}")
         out = d_own.new_empty((d_own.shape[0],), dtype=_acc_dtype(d_own.dtype))
         return out, torch.empty_like(out)
 
-    @torch.library.register_fake("afd_fast::lsgan_backward")
+    @torch.library.register_fake(f"{namespace}::lsgan_backward")
     def _(grad_g, grad_d, d_own, d_peer, real_label, fake_label):
         return torch.empty_like(d_own), torch.empty_like(d_peer)
 
@@ -164,11 +168,11 @@ if HAS_EXTENSION:
                 "requested; call afd_fast.ops.mutual_distillation_loss with grad enabled instead"
             )
         (saved,) = ctx.saved_tensors
-        grad_logits = torch.ops.afd_fast.mutual_distillation_backward(grad_loss, saved, ctx.num_rows)
+        grad_logits = lib.mutual_distillation_backward(grad_loss, saved, ctx.num_rows)
         return grad_logits, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
-        "afd_fast::mutual_distillation_forward", _md_backward, setup_context=_md_setup_context
+        f"{namespace}::mutual_distillation_forward", _md_backward, setup_context=_md_setup_context
     )
 
     def _lsgan_setup_context(ctx, inputs, output):
@@ -178,7 +182,11 @@ if HAS_EXTENSION:
 
     def _lsgan_backward(ctx, grad_g, grad_d):
         d_own, d_peer = ctx.saved_tensors
-        grad_own, grad_peer = torch.ops.afd_fast.lsgan_backward(grad_g, grad_d, d_own, d_peer, *ctx.labels)
+        grad_own, grad_peer = lib.lsgan_backward(grad_g, grad_d, d_own, d_peer, *ctx.labels)
         return grad_own, grad_peer, None, None
 
-    torch.library.register_autograd("afd_fast::lsgan_forward", _lsgan_backward, setup_context=_lsgan_setup_context)
+    torch.library.register_autograd(f"{namespace}::lsgan_forward", _lsgan_backward, setup_context=_lsgan_setup_context)
+
+
+if HAS_EXTENSION:
+    register_fake_and_autograd()

@@ -87,19 +87,21 @@ AFD_HD OnlineRowStats<acc_t> online_row_stats_empty() {
   return {-INFINITY, acc_t(0), acc_t(0), acc_t(0)};
 }
 
-// exp(a - b) for a <= b, exactly 1 when a == b (also when both are infinite, where the
-// difference would be NaN); NaN stays NaN.
+// exp(a - b) for a <= b: exactly 1 when a == b, also when both are -inf (an empty state) where
+// the difference would be NaN; but NaN when both are +inf, as exp(z - max) of the two-pass CPU
+// kernels is there, so a +inf logit makes its whole row NaN on every device. NaN stays NaN.
 template <typename acc_t>
 AFD_HD acc_t exp_diff(acc_t a, acc_t b, acc_t inv_t) {
-  return a == b ? acc_t(1) : exp_nonpos((a - b) * inv_t);
+  if (a == b) return a == acc_t(INFINITY) ? acc_t(NAN) : acc_t(1);
+  return exp_nonpos((a - b) * inv_t);
 }
 
 template <typename acc_t>
 AFD_HD void online_row_stats_add(OnlineRowStats<acc_t>& s, acc_t z, acc_t inv_t) {
   s.sum_z += z;
   if (z > s.max) {
-    s.sum1 = s.sum1 * exp_diff(s.max, z, acc_t(1)) + acc_t(1);
-    s.sum_t = s.sum_t * exp_diff(s.max, z, inv_t) + acc_t(1);
+    s.sum1 = s.sum1 * exp_diff(s.max, z, acc_t(1)) + exp_diff(z, z, acc_t(1));
+    s.sum_t = s.sum_t * exp_diff(s.max, z, inv_t) + exp_diff(z, z, inv_t);
     s.max = z;
   } else {
     s.sum1 += exp_diff(z, s.max, acc_t(1));
