@@ -368,3 +368,30 @@ def test_broken_kernel_copies_are_caught(mutate):
             continue
         caught.append(not all(torch.allclose(g, w, rtol=1e-4, atol=1e-5) for g, w in zip(got, want)))
     assert any(caught), "the broken kernel passed every case"
+
+
+# --- the launch rewrite, the one change made to the kernel source ----------------------------------
+
+def test_rewrite_launches():
+    src = 'k<T, 4><<<grid, block, 0, stream>>>(a,\n    b);  // k<<<1, 2>>>(x)\nconst char* s = "<<<x>>>";\n'
+    assert cuda_emu.rewrite_launches(src) == (
+        'k<T, 4> ^ ::afd_emu::Config(grid, block, 0, stream)(a,\n    b);  // k<<<1, 2>>>(x)\n'
+        'const char* s = "<<<x>>>";\n')
+    # a `>>>` inside brackets of the configuration and one closing nested templates elsewhere stay
+    src = "k<<<f(a<b<c>>>(1)), 32>>>(x); std::vector<A<B<int>>> v;"
+    assert cuda_emu.rewrite_launches(src) == (
+        "k ^ ::afd_emu::Config(f(a<b<c>>>(1)), 32)(x); std::vector<A<B<int>>> v;")
+    assert cuda_emu.rewrite_launches("/* <<< */ char c = '<'; x >>= 1;") == "/* <<< */ char c = '<'; x >>= 1;"
+    for bad in ("k<<<1, 2(x);", "k<<<a<<<1>>>>>>(x);", "/* never closed", '"never closed'):
+        with pytest.raises(ValueError):
+            cuda_emu.rewrite_launches(bad)
+
+
+def test_kernel_source_changes_only_at_launches():
+    with open(cuda_emu.KERNELS) as f:
+        text = f.read()
+    rewritten = cuda_emu.rewrite_launches(text)
+    changed = [(a, b) for a, b in zip(text.splitlines(), rewritten.splitlines()) if a != b]
+    assert len(text.splitlines()) == len(rewritten.splitlines())  # compiler messages keep their lines
+    assert changed and all("<<<" in a and "::afd_emu::Config(" in b for a, b in changed)
+    assert len(changed) == text.count("<<<")
