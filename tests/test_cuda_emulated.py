@@ -136,6 +136,19 @@ def test_mutual_distillation_kernels(case):
         torch.testing.assert_close(got[3], cpu[3], **cpu_tol, msg=lambda m: f"grad vs CPU kernel: {m}")
 
 
+def test_batch_larger_than_a_block():
+    """B > 256: the last block's reduction loops over the per-sample parts more than once."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 300, 3, generator=gen)
+    target = torch.randint(0, 3, (300,), generator=gen)
+    weights = ops.peer_weights("pair", 2)
+    with guarded():
+        got = run(emulated_loss, logits, target, weights, torch.ones(2), True, label_smoothing=0.1)
+    cpu = run(ops.mutual_distillation_loss, logits, target, weights, torch.ones(2), True, label_smoothing=0.1)
+    for g, c in zip(got, cpu):
+        torch.testing.assert_close(g, c, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(3, 2, 33, 1000, "ensemble"), (2, 2, 3, 8200, "pair")], ids=str)
 def test_results_do_not_depend_on_thread_order(shape):
     m, k, b, c, topology = shape
