@@ -1,7 +1,8 @@
 """CIFAR-10/100 from the standard python format (``cifar-10-batches-py`` / ``cifar-100-python``),
 read offline, held whole on the training device as uint8; random crop with 4-pixel zero padding,
-horizontal flip and normalisation run on that device, batch by batch. The permutation and the
-augmentation of epoch e come from (seed, epoch, rank) alone, so resuming is exact."""
+horizontal flip and normalisation run on that device, batch by batch. The permutation of epoch e
+comes from (seed, epoch), the augmentation of its batch b from (seed, epoch, rank, b) alone, so an
+epoch resumed at any batch continues exactly (``for_epoch(e, start_batch=b)``)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,11 @@ import pickle
 
 import torch
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# Per-channel mean and std of each data set's training images, by its number of classes.
+NORMALISATION = {
+    10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
 
 
 def find_cifar(root: str) -> str | None:
@@ -61,13 +65,14 @@ class CifarLoader:
     """Batches ``(images [B, 3, 32, 32] channels-last float, labels [B])`` from device-resident uint8."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool,
-                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, num_classes: int = 10):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.train, self.device = batch_size, train, device
         self.seed, self.rank, self.world = seed, rank, world_size
-        self.mean = torch.tensor(CIFAR_MEAN, device=device) * 255
-        self.std = torch.tensor(CIFAR_STD, device=device) * 255
-        self.epoch = 0
+        mean, std = NORMALISATION[num_classes]
+        self.mean = torch.tensor(mean, device=device) * 255
+        self.std = torch.tensor(std, device=device) * 255
+        self.epoch, self.start_batch = 0, 0
         n = len(self.labels)
         # training: equal full batches on every process; evaluation: every image once
         self.indices_per_rank = n // world_size if train else len(range(rank, n, world_size))
@@ -77,14 +82,14 @@ class CifarLoader:
             return self.indices_per_rank // self.batch_size
         return -(-self.indices_per_rank // self.batch_size)
 
-    def for_epoch(self, epoch: int) -> "CifarLoader":
-        self.epoch = epoch
+    def for_epoch(self, epoch: int, start_batch: int = 0, state=None) -> "CifarLoader":
+        """The batches of epoch ``epoch`` from batch ``start_batch`` on (``state``: unused, the
+        position alone determines the rest)."""
+        self.epoch, self.start_batch = epoch, start_batch
         return self
 
-    def _generator(self, stream: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 2 + stream)
-        return g
+    def _augmentation_seed(self, batch: int) -> int:
+        return (((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 1_000_033 + batch) % 2**63
 
     def __iter__(self):
         n = len(self.labels)
@@ -92,14 +97,15 @@ class CifarLoader:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # same on every process
             order = torch.randperm(n, generator=g)[self.rank * self.indices_per_rank:(self.rank + 1) * self.indices_per_rank]
             order = order.to(self.device)
-            aug = self._generator(1)
+            aug = torch.Generator(device=self.device)
         else:
             order = torch.arange(self.rank, n, self.world, device=self.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start:start + self.batch_size]
+        first = self.start_batch if self.train else 0
+        for batch in range(first, len(self)):
+            idx = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             x = self.images[idx]
             if self.train:
-                x = augment(x, aug)
+                x = augment(x, aug.manual_seed(self._augmentation_seed(batch)))
             x = (x.float() - self.mean) / self.std
             yield x.permute(0, 3, 1, 2), self.labels[idx]  # NHWC -> NCHW view, channels-last memory
 

@@ -5,7 +5,13 @@ Training: sharded ``fn.readers.file`` over a permutation drawn from the run's se
 [3/4, 4/3]), resize to the crop size, random flip, ``crop_mirror_normalize`` with
 ``output_layout="HWC"``, so the batch is an NCHW channels-last view with no extra copy.
 Validation: resize the shorter side, centre crop; every image exactly once across processes.
-Without a GPU (``device_id=None``) the same pipeline runs on the CPU."""
+Without a GPU (``device_id=None``) the same pipeline runs on the CPU.
+
+Mid-epoch resume: training pipelines are built with DALI's checkpointing on. ``checkpoint()``
+returns the serialized state after the batches consumed so far (the reader's position in the shard
+and the state of every random generator: the crop and flip draws), and a loader built with
+``checkpoint=`` continues from there with exactly the batches, crops and flips the uninterrupted
+epoch would have produced (DALI restores the state; the prefetched batches are not counted)."""
 from __future__ import annotations
 
 import torch
@@ -31,7 +37,7 @@ class DALILoader:
     def __init__(self, file_list: FileList, image_size: int, batch_size: int, train: bool, seed: int = 0,
                  epoch: int = 0, shard_id: int = 0, num_shards: int = 1, device_id: int | None = None, threads: int = 4,
                  prefetch: int = 2, hw_decoder_load: float = 0.65, dtype: torch.dtype = torch.float32,
-                 drop_last: bool = True, with_paths: bool = False):
+                 drop_last: bool = True, with_paths: bool = False, checkpoint: bytes | None = None):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -50,7 +56,8 @@ class DALILoader:
         mean, std = MEAN_255, STD_255
 
         @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=pipeline_seed % 2**31,
-                      prefetch_queue_depth=prefetch)
+                      prefetch_queue_depth=prefetch, enable_checkpointing=train,
+                      checkpoint=bytes(checkpoint) if checkpoint is not None else None)
         def pipeline():
             jpegs, labels = fn.readers.file(
                 files=file_names, labels=file_labels, shard_id=shard_id, num_shards=num_shards,
@@ -91,6 +98,11 @@ class DALILoader:
 
     def __len__(self) -> int:
         return len(self.iterator)
+
+    def checkpoint(self) -> bytes:
+        """The training pipeline's state after the batches this iterator has handed out: build a
+        loader with ``checkpoint=`` this to continue the epoch exactly from there."""
+        return self.iterator.checkpoints()[0]
 
     def __iter__(self):
         position = 0
