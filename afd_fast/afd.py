@@ -10,9 +10,16 @@ K networks (G_k + head) train together on one mini-batch:
 * single forward, dual step: the gradients of Σ L_logit (all network parameters), Σ L_G
   (extractors and transfer layers) and Σ L_D (discriminators) are all taken at the same parameters
   from the one forward, then SGD, Adam and Adam step.
+
+The baselines of the paper's tables run through the same step (:data:`METHOD_SPECS`): DML as its
+authors define it (the networks step one after the other, §3.1 of the AFD paper), ONE (branches on
+shared low layers, gated-ensemble teacher, :mod:`afd_fast.models.one`), online KD (mean-ensemble
+teacher), L1 / L1+KD feature alignment online and offline (a frozen pre-trained teacher), and the
+ablations without KD or without the adversarial term.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,36 +28,61 @@ from torch import nn
 
 from afd_fast import ops, reference
 from afd_fast.models import SplitNetwork
+from afd_fast.models.cifar import CIFAR_NETWORKS
+from afd_fast.models.one import Gate, gated_ensemble, low_level_channels, share_low_layers
 
-METHODS = ("afd", "dml", "kd", "vanilla", "l1", "l1kd", "adv-only", "kd-only")
+ALL_METHODS = ("afd", "dml", "one", "kd", "vanilla", "l1", "l1kd", "l1kd-offline", "adv-only", "kd-only")
+# ONE shares layers between its networks, so it trains K copies of one network only; METHODS take any list
+SHARED_LAYER_METHODS = ("one",)
+METHODS = tuple(m for m in ALL_METHODS if m not in SHARED_LAYER_METHODS)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """What each method of the paper's tables trains with."""
 
-    kd: bool  # logit distillation (KL towards peers)
+    kd: bool  # logit distillation (KL towards the teacher row(s) of ``weights``)
     adversarial: bool  # discriminators and L_G
     l1: bool  # direct L1 alignment of feature maps
-    weights: str  # "topology" (the --topology flag), "dml", "ensemble" or "none"
+    # who teaches whom: "topology" (the --topology flag), "dml" (every other network, 1/(K-1) each),
+    # "ensemble" (the mean logits), "gated" (ONE's gated ensemble), "teacher" (the last network) or "none"
+    weights: str
+    temperature: float = 3.0  # default T: the AFD paper's (and ONE's) 3; DML's paper uses plain softmaxes
+    sequential: bool = False  # DML: network k steps, then network k+1's loss sees k's updated prediction
+    shared_low_layers: bool = False  # ONE: branches on network 0's low layers, plus a gate
+    frozen_teacher: bool = False  # offline: the last network is a pre-trained teacher and never trains
 
 
 METHOD_SPECS = {
     "afd": MethodSpec(kd=True, adversarial=True, l1=False, weights="topology"),
-    "dml": MethodSpec(kd=True, adversarial=False, l1=False, weights="dml"),
+    "dml": MethodSpec(kd=True, adversarial=False, l1=False, weights="dml", temperature=1.0, sequential=True),
+    "one": MethodSpec(kd=True, adversarial=False, l1=False, weights="gated", shared_low_layers=True),
     "kd": MethodSpec(kd=True, adversarial=False, l1=False, weights="ensemble"),  # online KD, ensemble teacher
     "vanilla": MethodSpec(kd=False, adversarial=False, l1=False, weights="none"),
     "l1": MethodSpec(kd=False, adversarial=False, l1=True, weights="topology"),
     "l1kd": MethodSpec(kd=True, adversarial=False, l1=True, weights="topology"),
+    "l1kd-offline": MethodSpec(kd=True, adversarial=False, l1=True, weights="teacher", frozen_teacher=True),
     "adv-only": MethodSpec(kd=False, adversarial=True, l1=False, weights="topology"),
+    # AFD without the adversarial term: one synchronous step of the topology's KD (not DML)
     "kd-only": MethodSpec(kd=True, adversarial=False, l1=False, weights="topology"),
 }
 
 
 def method_spec(method: str) -> MethodSpec:
     if method not in METHOD_SPECS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
     return METHOD_SPECS[method]
+
+
+def architecture_problem(method: str, archs: list[str]) -> str | None:
+    """Why ``method`` cannot train these networks (for the CLI, before any work), or None."""
+    spec = method_spec(method)
+    if len(archs) < 2 and method != "vanilla":
+        return f"--method {method} distils between networks: give at least 2 in --arch (e.g. resnet20,resnet20)"
+    if spec.shared_low_layers and (len(set(archs)) > 1 or archs[0] not in CIFAR_NETWORKS):
+        return (f"--method {method} shares the low layers of its branches: give one CIFAR ResNet or WRN K times "
+                "(e.g. resnet32,resnet32)")
+    return None
 
 
 def peer_of(k: int, num_networks: int) -> int:
@@ -93,50 +125,80 @@ def feature_shape(network: SplitNetwork, image_size: int) -> tuple[int, int, int
 
 
 class AFDModel(nn.Module):
-    """The K networks with their transfer layers and discriminators, and the method's losses."""
+    """The K networks with their transfer layers and discriminators (ONE: its gate), and the
+    method's losses. ``temperature``: None for the method's default (:class:`MethodSpec`)."""
 
     def __init__(self, networks: list[SplitNetwork], method: str = "afd", topology: str = "cyclic",
-                 image_size: int = 32, temperature: float = 3.0, fused_losses: bool = True):
+                 image_size: int = 32, temperature: float | None = None, fused_losses: bool = True):
         super().__init__()
-        self.spec = method_spec(method)
+        self.spec = spec = method_spec(method)
         self.method = method
         # the fused ops, or their plain-PyTorch reference (the benchmarks' "what public code does")
         self.fused_losses = fused_losses
         k = len(networks)
         if k < 2 and method != "vanilla":
             raise ValueError(f"method {method!r} distils between networks: it needs at least 2, got {k}")
+        if spec.shared_low_layers:
+            share_low_layers(networks)
         self.networks = nn.ModuleList(networks)
-        self.temperature = temperature
-        weights = {"topology": topology, "dml": "dml", "ensemble": "ensemble"}.get(self.spec.weights)
+        self.temperature = spec.temperature if temperature is None else temperature
+        weights = {"topology": topology, "dml": "dml", "ensemble": "ensemble", "gated": "ensemble"}.get(spec.weights)
         if weights == "pair" and k != 2:
             raise ValueError(f"topology 'pair' is for exactly 2 networks, got {k}; use 'cyclic'")
-        w = ops.peer_weights("cyclic" if weights == "pair" else weights, k) if weights else torch.zeros(k, k)
+        if spec.weights == "teacher":  # networks 0..K-2 learn from the last one; the teacher from none
+            w = torch.zeros(k, k)
+            w[:-1, -1] = 1.0
+        else:
+            w = ops.peer_weights("cyclic" if weights == "pair" else weights, k) if weights else torch.zeros(k, k)
         self.register_buffer("peer_weights", w, persistent=False)
+        if spec.sequential:  # one network at a time: row 0 the student, rows 1..K-1 its peers, 1/(K-1) each
+            row = torch.full((1, k), 1 / (k - 1))
+            row[0, 0] = 0.0
+            self.register_buffer("sequential_weights", row, persistent=False)
+        # whose feature map network i's L1 / adversarial loss reads: the frozen teacher, or its peer
+        self.teachers = [k - 1 if spec.frozen_teacher else peer_of(i, k) for i in range(k)]
 
         self.transfers = nn.ModuleList()
         self.discriminators = nn.ModuleList()
-        if self.spec.adversarial or self.spec.l1:
+        if spec.adversarial or spec.l1:
             shapes = [feature_shape(n, image_size) for n in networks]
             if len({s[1:] for s in shapes}) > 1:
                 raise ValueError(f"feature maps of the networks differ in spatial size: {shapes}")
-            common = max(s[0] for s in shapes)
+            # online: every map to the largest channel count; offline: the students' maps to the teacher's
+            common = shapes[-1][0] if spec.frozen_teacher else max(s[0] for s in shapes)
             self.transfers.extend(transfer_layer(s[0], common) for s in shapes)
-            if self.spec.adversarial:
+            if spec.adversarial:
                 self.discriminators.extend(Discriminator(common, *shapes[0][1:]) for _ in networks)
+        self.gate = Gate(low_level_channels(networks[0], image_size), k) if spec.weights == "gated" else None
+        if spec.frozen_teacher:
+            self.networks[-1].requires_grad_(False)
+            self.networks[-1].eval()
+
+    def train(self, mode: bool = True) -> "AFDModel":
+        super().train(mode)
+        if self.spec.frozen_teacher:  # the pre-trained teacher normalises with its own statistics, always
+            self.networks[-1].eval()
+        return self
 
     # --- parameter groups of the three gradient sets ---------------------------------------------
+    def trained_networks(self) -> list[SplitNetwork]:
+        """The networks that learn (all but a frozen teacher)."""
+        return list(self.networks[:-1]) if self.spec.frozen_teacher else list(self.networks)
+
     def network_parameters(self) -> list[nn.Parameter]:
-        return [p for n in self.networks for p in n.parameters()]
+        """Parameters of the trained networks, each once (ONE's branches share their low layers)."""
+        return _unique(p for n in self.trained_networks() for p in n.parameters())
 
     def logit_parameters(self) -> list[nn.Parameter]:
-        """What the logit loss trains: the networks, and the transfer layers when it holds the L1
-        feature-map term (with the adversarial methods L_G trains them)."""
+        """What the logit loss trains: the networks, ONE's gate, and the transfer layers when it holds
+        the L1 feature-map term (with the adversarial methods L_G trains them)."""
         extra = list(self.transfers.parameters()) if self.spec.l1 and not self.spec.adversarial else []
-        return self.network_parameters() + extra
+        gate = list(self.gate.parameters()) if self.gate is not None else []
+        return self.network_parameters() + extra + gate
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """G_k and T_k: what L_G trains (the heads play no part in it)."""
-        return [p for n in self.networks for p in n.extractor_parameters()] + list(self.transfers.parameters())
+        return _unique([p for n in self.networks for p in n.extractor_parameters()] + list(self.transfers.parameters()))
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         return list(self.discriminators.parameters())
@@ -152,36 +214,89 @@ class AFDModel(nn.Module):
         gradient sets can be taken down to the maps first and then through the extractors in one
         batched backward (see :func:`gradient_sets`)."""
         losses = ops if self.fused_losses else reference
-        features = [n.features(images) for n in self.networks]
+        spec, k = self.spec, len(self.networks)
+        shared = self.networks[0].low_level(images) if spec.shared_low_layers else None
+        features = [self._features(i, images, shared) for i in range(k)]
         maps = [f.detach().requires_grad_() for f in features] if cut_at_features else features
         logits = [n.head(m) for n, m in zip(self.networks, maps)]
         z = torch.stack(logits)
-        if self.spec.weights == "ensemble":  # the teacher row: mean logits of the K networks
+        out = {}
+        if spec.weights == "ensemble":  # the teacher row: mean logits of the K networks
             z = torch.cat([z, z.detach().mean(0, keepdim=True)])
+        elif spec.weights == "gated":  # the teacher row: ONE's gated ensemble (the op detaches it)
+            ensemble = gated_ensemble(self.gate(shared), z)
+            z = torch.cat([z, ensemble.to(z.dtype)[None]])
+            ensemble_ce = F.cross_entropy(ensemble, target)  # trains the gate (and the branches)
+            out["ensemble_ce"] = ensemble_ce.detach()
         loss, ce, kl = losses.mutual_distillation_loss(
-            z, target, self.peer_weights, self.temperature, kd_weight=1.0 if self.spec.kd else 0.0)
-        out = {"ce": ce, "kl": kl}
+            z, target, self.peer_weights, self.temperature, kd_weight=1.0 if spec.kd else 0.0)
+        out.update(ce=ce, kl=kl)
         if cut_at_features:
             out.update(features=features, cut=maps)
-        logit_loss = loss.sum()
+        # a frozen teacher's row holds its CE (logged), a constant: only the trained networks' losses count
+        logit_loss = loss[:-1].sum() if spec.frozen_teacher else loss.sum()
+        if spec.weights == "gated":
+            logit_loss = logit_loss + ensemble_ce
 
-        k = len(self.networks)
+        teacher = self.teachers  # whose map each network's feature loss reads
         if self.transfers:
             t = [tr(m) for tr, m in zip(self.transfers, maps)]
-        if self.spec.l1:
-            l1 = torch.stack([F.l1_loss(t[i], t[peer_of(i, k)].detach()) for i in range(k)])
+        if spec.l1:
+            l1 = torch.stack([F.l1_loss(t[i], t[teacher[i]].detach()) for i in range(len(self.trained_networks()))])
             out["l1"] = l1.detach()
             logit_loss = logit_loss + l1.sum()
         out["logit"] = logit_loss
-        if self.spec.adversarial:
+        if spec.adversarial:
             # One D_k forward on the own (not detached) map serves L_G and L_D: each gradient set is
             # taken only w.r.t. its own parameters (DESIGN §4).
             d_own = torch.stack([d(t[i]) for i, d in enumerate(self.discriminators)])
-            d_peer = torch.stack([d(t[peer_of(i, k)].detach()) for i, d in enumerate(self.discriminators)])
+            d_peer = torch.stack([d(t[teacher[i]].detach()) for i, d in enumerate(self.discriminators)])
             g_loss, d_loss = losses.lsgan_loss(d_own, d_peer)
             out.update(generator=g_loss.sum(), discriminator=d_loss.sum(), g_loss=g_loss.detach(),
                        d_loss=d_loss.detach(), d_own=d_own.detach(), d_peer=d_peer.detach())
         return out
+
+    def _features(self, i: int, images: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        network = self.networks[i]
+        if self.spec.frozen_teacher and i == len(self.networks) - 1:
+            with torch.no_grad():  # the frozen teacher: no graph to keep
+                return network.features(images)
+        return network.high_level(shared) if shared is not None else network.features(images)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every network (``net<k>``) and, for ONE, of its gated ensemble
+        (``gated_ensemble``), in the modules' current mode."""
+        if not self.spec.shared_low_layers:
+            return {f"net{i}": n(images)[1] for i, n in enumerate(self.networks)}
+        shared = self.networks[0].low_level(images)
+        logits = torch.stack([n.head(n.high_level(shared)) for n in self.networks])
+        return {**{f"net{i}": z for i, z in enumerate(logits)},
+                "gated_ensemble": gated_ensemble(self.gate(shared), logits)}
+
+
+def _unique(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def batch_statistics_only(module: nn.Module):
+    """Train-mode batch norm that normalises with the batch's statistics but leaves the running ones
+    alone: a second forward of the same batch must not count it twice."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def gradient_sets(model: AFDModel, losses: dict[str, torch.Tensor],
@@ -266,6 +381,9 @@ class LossScale:
 
 class DualStep:
     """Single forward, dual (triple) optimizer step: SGD on the logit loss, Adam on L_G, Adam on L_D.
+    For DML (``spec.sequential``) the networks' SGD steps follow one another instead
+    (:meth:`_sequential_step`), in the same optimizer (steps after the first see gradients of one
+    network only), so schedules, checkpoints and CUDA-graph capture treat it as every other method.
 
     ``average_gradients`` (e.g. an all-reduce across processes) is applied to every gradient set
     before any optimizer steps, since ``autograd.grad`` bypasses DDP's hooks.
@@ -311,11 +429,16 @@ class DualStep:
             self.optimizers["discriminator"] = torch.optim.Adam(model.discriminator_parameters(), lr=rate(adv_lr),
                                                                 **adam)
 
-    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _autocast(self):
         # autocast's weight cache must be off under CUDA-graph capture (and buys nothing here:
         # every weight is cast once per forward anyway)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None, cache_enabled=False):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None, cache_enabled=False)
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.model.spec.sequential:
+            return self._sequential_step(images, target)
+        with self._autocast():
             losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
         sets = gradient_sets(self.model, losses, scale)
@@ -336,6 +459,46 @@ class DualStep:
         if self.loss_scale is not None:
             self.loss_scale.update(found_infs)
         return losses
+
+    def _sequential_step(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DML as its authors define it (Zhang et al., 2018, Algorithm 1), for K networks in turn:
+        network k takes an SGD step on CE + T² · mean_{j≠k} KL(p_j || p_k) towards the others'
+        current predictions, then its prediction is recomputed with the updated weights, so the
+        networks after it learn from that. Network k's own forward is the one of the step's start
+        (its weights have not changed before its turn); the recomputation needs no graph, and its
+        batch norm normalises with the batch without counting it a second time."""
+        model, optimizer = self.model, self.optimizers["logit"]
+        losses = ops if model.fused_losses else reference
+        scale = self.loss_scale.scale if self.loss_scale is not None else None
+        with self._autocast():
+            logits = [n(images)[1] for n in model.networks]
+        totals, ces, kls, found_infs = [], [], [], []
+        for k, network in enumerate(model.networks):
+            # row 0 the student k, rows 1..K-1 its peers (teachers: the op detaches them)
+            z = torch.stack([logits[k]] + [peer.detach() for j, peer in enumerate(logits) if j != k])
+            loss, ce, kl = losses.mutual_distillation_loss(z, target, model.sequential_weights, model.temperature)
+            params = list(network.parameters())
+            grads = torch.autograd.grad(loss.sum() if scale is None else loss.sum() * scale, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            if self.average_gradients is not None:
+                self.average_gradients(grads)
+            if self.loss_scale is not None:
+                found_infs += self.loss_scale.unscale_([grads])
+                optimizer.grad_scale, optimizer.found_inf = None, found_infs[-1]
+            for p, g in zip(params, grads):  # only network k has gradients: SGD leaves the others alone
+                p.grad = g
+            optimizer.step()
+            for p in params:
+                p.grad = None
+            if k < len(logits) - 1:
+                with torch.no_grad(), self._autocast(), batch_statistics_only(network):
+                    logits[k] = network(images)[1]
+            totals.append(loss.detach())
+            ces.append(ce)
+            kls.append(kl)
+        if self.loss_scale is not None:
+            self.loss_scale.update(found_infs)
+        return {"ce": torch.cat(ces), "kl": torch.cat(kls), "logit": torch.cat(totals).sum()}
 
     def state_dict(self) -> dict:
         state = {name: opt.state_dict() for name, opt in self.optimizers.items()}

@@ -62,3 +62,44 @@ def test_ops_benchmark(tmp_path):
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_quick_writes_the_table_beside_the_papers_numbers(tmp_path):
+    pytest.importorskip("matplotlib")
+    payload, stdout, out = _run("accuracy", tmp_path, "--quick", "--runs", str(tmp_path / "runs"))
+    rows = {(r["method"], tuple(r["archs"])): r for r in payload["rows"]}
+    assert {m for m, _ in rows} == {"vanilla", "dml", "one", "afd", "l1kd-offline"}
+    for r in payload["rows"]:
+        assert len(r["runs"]) == 2 and r["net_mean"]["n"] == 2 and r["seconds"]["mean"] > 0
+        assert all(0 <= run["net_mean"] <= 100 and 0 <= run["ensemble"] <= 100 for run in r["runs"])
+        assert r["paper"]["tables"]
+    afd_row = rows[("afd", ("resnet32", "resnet32"))]["paper"]
+    assert (afd_row["tables"], afd_row["net_mean"], afd_row["ensemble"]) == ([1, 2, 3], 74.03, 75.64)
+    offline = rows[("l1kd-offline", ("resnet32", "resnet32"))]
+    assert offline["paper"]["nets"] == [71.91, 69.79] and all(run["teacher_seconds"] > 0 for run in offline["runs"])
+    table = out.with_suffix(".md").read_text()
+    assert "| 3 | one | resnet32, resnet32 |" in table and "| 72.61 |" in table and "| 74.07 |" in table
+    assert "74.03" in stdout and os.path.getsize(out.with_suffix(".png")) > 10_000
+
+
+def test_paper_tables_are_typed_in_consistently():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import paper_tables
+
+    from afd_fast import afd
+    from afd_fast.models import NETWORKS
+
+    by_key = {}
+    for row in paper_tables.ROWS:
+        assert row.method in afd.ALL_METHODS and all(a in NETWORKS for a in row.archs), row
+        assert row.nets == () or len(row.nets) == len(row.archs), row
+        by_key.setdefault(row.key, []).append(row)
+    for rows in by_key.values():  # a row printed in several tables has the same numbers in each
+        assert len({(r.nets, r.mean, r.ensemble) for r in rows}) == 1, rows
+    counts = {t: sum(r.table == t for r in paper_tables.ROWS) for t in range(1, 7)}
+    assert counts == {1: 10, 2: 9, 3: 28, 4: 21, 5: 16, 6: 3}
+    (t4,) = paper_tables.lookup("afd", ("wrn-16-2", "wrn-28-4"))
+    assert (t4.table, t4.nets, t4.ensemble) == (4, (76.23, 78.26), 78.28)
+    (t5,) = paper_tables.lookup("one", ("resnet56",) * 3)
+    assert (t5.table, t5.mean, t5.ensemble) == (5, 76.49, 77.38)

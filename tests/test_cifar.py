@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from afd_fast import train
+from afd_fast.data import build_loaders
 from afd_fast.data.cifar import CifarLoader, augment, find_cifar, load_cifar
 
 
@@ -43,6 +44,11 @@ def test_cifar10_and_cifar100_files(cifar10, tmp_path):
     _write(folder / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
     tx, ty, _, _, classes = load_cifar(find_cifar(str(tmp_path)))
     assert len(classes) == 100 and ty.tolist() == [0, 99, 5, 5, 1, 2]
+    # each data set by its own statistics: a black image is -mean/std of CIFAR-100 here
+    loaders = build_loaders(str(tmp_path), 32, 3, workers=1, seed=0)
+    images, _ = next(iter(loaders.val))
+    want = -torch.tensor([0.5071, 0.4865, 0.4409]) / torch.tensor([0.2673, 0.2564, 0.2762])
+    torch.testing.assert_close(images[0, :, 0, 0], want)
 
 
 def test_bad_cifar_files(tmp_path):

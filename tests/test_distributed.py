@@ -56,6 +56,7 @@ def test_cli_under_torchrun(tmp_path, speed):
     proc = _torchrun("-m", "afd_fast.train", "--data", data, "--output", str(out), "--workers", "0",
                      "--batch-size", "8", "--epochs", "1", "--max-steps", "2", *speed)
     assert "2 process(es)" in proc.stdout
+    assert "global batch 8 (4 per process x 2)" in proc.stdout  # --batch-size is the global batch
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2
+    assert summary["steps"] == 2 and (summary["global_batch"], summary["batch_per_process"]) == (8, 4)
     assert summary["val_images"] == 15  # every validation image exactly once across the two processes

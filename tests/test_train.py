@@ -29,12 +29,19 @@ def _run(tmp_path, data, *extra):
     return train.main(argv), out
 
 
-@pytest.mark.parametrize("method", afd.METHODS)
+@pytest.mark.parametrize("method", afd.ALL_METHODS)
 def test_every_method_trains_end_to_end(tmp_path, tiny_data, method):
-    summary, out = _run(tmp_path, tiny_data, "--method", method, "--max-steps", "3")
+    extra = []
+    if afd.method_spec(method).frozen_teacher:  # a "pre-trained" teacher: any weights of the right shape
+        torch.save(build_network("resnet20", 4).state_dict(), tmp_path / "teacher.pt")
+        extra = ["--pretrained", f",{tmp_path / 'teacher.pt'}"]
+    summary, out = _run(tmp_path, tiny_data, "--method", method, "--max-steps", "3", *extra)
     assert summary["method"] == method and summary["steps"] == 3
-    for key in ("net0_top1", "net1_top1", "ensemble_top1", "ensemble_top5"):
+    for key in ("net0_top1", "net1_top1", "ensemble_top1", "ensemble_top5", "net_mean_top1", "best_single_net_top1"):
         assert 0 <= summary[key] <= 100
+    assert summary["net_mean_top1"] == pytest.approx((summary["net0_top1"] + summary["net1_top1"]) / 2)
+    assert ("gated_ensemble_top1" in summary) == (method == "one")
+    assert (summary["global_batch"], summary["batch_per_process"]) == (8, 8)
     lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 3
     for name in ("summary.json", "last.pt", "best.pt", "curves.png", "network0_resnet20.pt", "network1_resnet20.pt"):

@@ -5,11 +5,21 @@ from torch import nn
 
 
 class SplitNetwork(nn.Module):
-    """A classifier as G (``features``: image -> last conv feature map) and ``head`` (-> logits)."""
+    """A classifier as G (``features``: image -> last conv feature map) and ``head`` (-> logits).
+
+    Networks that ONE can branch (the CIFAR ones) also split G at the last stage:
+    ``features(x) = high_level(low_level(x))``, ``low_level_modules`` naming the modules below it."""
 
     feature_channels: int
+    low_level_modules: tuple[str, ...] = ()  # empty: no split (ONE cannot branch this network)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.high_level(self.low_level(x))
+
+    def low_level(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def high_level(self, low: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def head(self, feature_map: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,10 @@
 """The paper's CIFAR networks: ResNet-20/32/56/110 (He et al., 2016) and WRN-d-k (Zagoruyko &
-Komodakis, 2016), feature map = output of the last stage (64 or 64k channels, 8x8 at 32 px)."""
+Komodakis, 2016), feature map = output of the last stage (64 or 64k channels, 8x8 at 32 px).
+
+The paper does not name the shortcut of its ResNets: a stage's first block projects with a strided
+Conv1x1-BN (He et al.'s option B, as the public code of DML and ONE), not option A's zero padding.
+Each network also splits at the last stage (``low_level`` / ``high_level``): ONE's branches
+(:mod:`afd_fast.models.one`) share everything below it."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +33,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(SplitNetwork):
+    low_level_modules = ("conv1", "bn1", "layer1", "layer2")
+
     def __init__(self, depth: int, num_classes: int):
         super().__init__()
         if (depth - 2) % 6:
@@ -39,9 +46,11 @@ class CifarResNet(SplitNetwork):
         self.feature_channels = 64
         _init(self)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+    def low_level(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+
+    def high_level(self, low: torch.Tensor) -> torch.Tensor:
+        return self.layer3(low)
 
     def head(self, feature_map: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1))
@@ -66,6 +75,8 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(SplitNetwork):
+    low_level_modules = ("conv1", "layer1", "layer2")
+
     def __init__(self, depth: int, width: int, num_classes: int):
         super().__init__()
         if (depth - 4) % 6:
@@ -79,9 +90,11 @@ class WideResNet(SplitNetwork):
         self.feature_channels = widths[-1]
         _init(self)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        return F.relu(self.bn(x))
+    def low_level(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(self.conv1(x)))
+
+    def high_level(self, low: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.layer3(low)))
 
     def head(self, feature_map: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1))

@@ -1,0 +1,317 @@
+"""Top-1 accuracy of the paper's rows over several seeds, beside the paper's numbers.
+
+    python benchmarks/accuracy.py --quick                    # tiny CPU runs: checks that the table is produced
+    python benchmarks/accuracy.py --preset cifar100-table3 --data /data/cifar-100-python
+                                                             # Table 3's ResNet-32 row: vanilla, DML, ONE, AFD,
+                                                             # 5 seeds x 300 epochs (cifar-paper recipe)
+    python benchmarks/accuracy.py --rows "afd:wrn-16-2,wrn-28-2;l1kd-offline:wrn-16-2,wrn-28-2" --data ... --seeds 3
+
+A row is a ``--method`` and its ``--arch`` list; each (row, seed) is one run of afd_fast.train (in
+this process; ``torchrun`` with ``--nproc-per-node`` > 1) in its own folder under ``--runs``, its log
+``train.log`` beside it.
+``l1kd-offline`` rows first train their teacher (the last network, vanilla, same recipe and seed).
+For every row: per-network top-1, their mean and the ensemble's (ONE: its gated ensemble, as the
+paper's "Ens" for ONE) at the end of training, mean ± std over the seeds, next to the paper's
+numbers for the same row (``benchmarks/paper_tables.py``, with their table numbers), and the time
+each run took. Writes JSON, a Markdown table (.md) and a bar chart (.png) with the same stem.
+
+Presets: cifar100-table1 ... cifar100-table5 (every row of that table; cifar100-table3 is the
+ResNet-32 row alone, cifar100-table3-all every architecture), imagenet-table6 (give the pre-trained
+networks with --train-args "--pretrained a.pt,b.pt").
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import paper_tables  # noqa: E402
+
+from afd_fast import afd, train  # noqa: E402
+from afd_fast.plotting import pyplot  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _table_rows(table: int) -> list[tuple[str, tuple[str, ...]]]:
+    seen = []
+    for r in paper_tables.ROWS:
+        if r.table == table and r.key not in seen:
+            seen.append(r.key)
+    return seen
+
+
+PRESETS = {  # name: (rows, recipe)
+    "cifar100-table3": ([(m, ("resnet32",) * 2) for m in ("vanilla", "dml", "one", "afd")], "cifar-paper"),
+    **{f"cifar100-table{t}": (_table_rows(t), "cifar-paper") for t in (1, 2, 4, 5)},
+    "cifar100-table3-all": (_table_rows(3), "cifar-paper"),
+    "imagenet-table6": (_table_rows(6), "imagenet-paper"),
+}
+# --quick: Table 3's ResNet-32 row and Table 1's offline row (its teacher run included) on a tiny
+# synthetic set; it checks the machinery, not an accuracy
+QUICK_ROWS = PRESETS["cifar100-table3"][0] + [("l1kd-offline", ("resnet32", "resnet32"))]
+QUICK_TRAIN_ARGS = ["--recipe", "quick", "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--loader", "torch",
+                    "--workers", "0", "--print-every", "1000"]
+
+
+def parse_rows(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """'method:arch,arch;method:arch,arch' -> [(method, (arch, arch)), ...]"""
+    rows = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        method, _, archs = item.partition(":")
+        if method not in afd.ALL_METHODS or not archs:
+            raise SystemExit(f"--rows: {item!r} is not 'method:arch,arch' with a method of {', '.join(afd.ALL_METHODS)}")
+        rows.append((method, tuple(a.strip().lower() for a in archs.split(","))))
+    return rows
+
+
+class Runner:
+    """Runs (or with --reuse, finds) the training runs of the benchmark."""
+
+    def __init__(self, args, train_args: list[str]):
+        self.args, self.train_args = args, train_args
+
+    def train_argv(self, method: str, archs, seed: int, out: str, extra=()) -> list[str]:
+        return ["--method", method, "--arch", ",".join(archs), "--seed", str(seed), "--output", out,
+                "--device", self.args.device, *self.train_args, *extra] + (["--resume", "auto"] if self.args.reuse else [])
+
+    def train(self, method: str, archs, seed: int, extra=()) -> tuple[dict, float]:
+        """(summary.json of the run, seconds it took). One process: in this one (no interpreter
+        start-up in the time); several: torchrun."""
+        out = os.path.join(self.args.runs, f"{method}_{'+'.join(archs)}", f"seed{seed}")
+        summary_path = os.path.join(out, "summary.json")
+        if self.args.reuse and os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            return summary, summary.get("benchmark_seconds", float("nan"))
+        os.makedirs(out, exist_ok=True)
+        argv = self.train_argv(method, archs, seed, out, extra)
+        n = self.args.nproc_per_node
+        print(f"  {'torchrun --nproc_per_node=%d ' % n if n > 1 else ''}python -m afd_fast.train {shlex.join(argv)}",
+              flush=True)
+        log_path = os.path.join(out, "train.log")
+        start = time.perf_counter()
+        if n > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   "-m", "afd_fast.train", *argv]
+            with open(log_path, "w") as log:
+                failed = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        else:
+            failed = _train_in_process(argv, log_path)
+        seconds = time.perf_counter() - start
+        if failed:
+            with open(log_path) as log:
+                tail = log.read()[-3000:]
+            raise SystemExit(f"training failed ({failed}): python -m afd_fast.train {shlex.join(argv)}\n{tail}")
+        with open(summary_path) as f:
+            summary = json.load(f)
+        summary["benchmark_seconds"] = seconds
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary, seconds
+
+    def run_row(self, method: str, archs: tuple[str, ...]) -> list[dict]:
+        runs = []
+        for seed in range(self.args.seeds):
+            extra, teacher_seconds = [], None
+            if afd.method_spec(method).frozen_teacher:  # the paper's offline teacher: the last network, trained alone
+                teacher, teacher_seconds = self.train("vanilla", archs[-1:], seed)
+                path = os.path.join(self.args.runs, f"vanilla_{archs[-1]}", f"seed{seed}", f"network0_{archs[-1]}.pt")
+                extra = ["--pretrained", "," * (len(archs) - 1) + path]
+            summary, seconds = self.train(method, archs, seed, extra)
+            k = len(archs)
+            ensemble_key = "gated_ensemble_top1" if method == "one" else "ensemble_top1"
+            runs.append({"seed": seed, "seconds": seconds, "teacher_seconds": teacher_seconds,
+                         "nets": [summary[f"net{i}_top1"] for i in range(k)], "net_mean": summary["net_mean_top1"],
+                         "ensemble": summary[ensemble_key], "mean_softmax_ensemble": summary["ensemble_top1"],
+                         "epochs": summary["epochs"], "steps": summary["steps"],
+                         "global_batch": summary.get("global_batch")})
+        return runs
+
+
+def _train_in_process(argv: list[str], log_path: str):
+    """afd_fast.train.main(argv) with its output in log_path; what went wrong, or None."""
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            train.main(argv)
+        except (Exception, SystemExit) as e:  # noqa: BLE001: reported with the run's log
+            traceback.print_exc(file=log)
+            return f"{type(e).__name__}: {e}"
+        finally:
+            gc.collect()  # the run's networks, graphs and loaders go before the next run
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return None
+
+
+def mean_std(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarize(method: str, archs, runs: list[dict]) -> dict:
+    paper = paper_tables.lookup(method, archs)
+    first = paper[0] if paper else None
+    paper_mean, derived = first.paper_mean() if first else (None, False)
+    return {"method": method, "archs": list(archs), "runs": runs,
+            "nets": [mean_std([r["nets"][i] for r in runs]) for i in range(len(archs))],
+            "net_mean": mean_std([r["net_mean"] for r in runs]), "ensemble": mean_std([r["ensemble"] for r in runs]),
+            "seconds": mean_std([r["seconds"] for r in runs]),
+            "paper": None if first is None else {
+                "tables": [r.table for r in paper], "dataset": first.dataset, "nets": list(first.nets),
+                "net_mean": paper_mean, "net_mean_derived": derived, "ensemble": first.ensemble}}
+
+
+def _fmt(stat: dict) -> str:
+    return "—" if stat["mean"] is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def _paper(value, derived=False) -> str:
+    return "—" if value is None else f"{value:.2f}{'*' if derived else ''}"
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [f"# {title}", "",
+             "Top-1 (%) at the end of training, mean ± std over the seeds; *paper*: the AFD paper's number for the "
+             "same row (its table in the first column; CIFAR-100 numbers are means of 5 runs). Ensemble: mean of the "
+             "softmaxes (ONE: its gated ensemble, as in the paper).", "",
+             "| table | method | networks | per network | paper | net mean | paper | ensemble | paper | runs | s/run |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        p = r["paper"] or {}
+        nets = " / ".join(_fmt(s) for s in r["nets"])
+        paper_nets = " / ".join(_paper(v) for v in p.get("nets", [])) or "—"
+        tables = ", ".join(str(t) for t in p.get("tables", [])) or "—"
+        lines.append(f"| {tables} | {r['method']} | {', '.join(r['archs'])} | {nets} | {paper_nets} | "
+                     f"{_fmt(r['net_mean'])} | {_paper(p.get('net_mean'), p.get('net_mean_derived'))} | "
+                     f"{_fmt(r['ensemble'])} | {_paper(p.get('ensemble'))} | {r['net_mean']['n']} | "
+                     f"{r['seconds']['mean']:.0f} |")
+    lines += ["", "\\* mean of the paper's per-network numbers (the table prints those, not their mean)."]
+    return "\n".join(lines) + "\n"
+
+
+def draw(rows: list[dict], title: str, path: str) -> None:
+    plt = pyplot("accuracy chart")
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) + 2), 4.5))
+    width = 0.38
+    for i, r in enumerate(rows):
+        p = r["paper"] or {}
+        for offset, key, paper_value, color in ((-width / 2, "net_mean", p.get("net_mean"), "tab:blue"),
+                                                (width / 2, "ensemble", p.get("ensemble"), "tab:orange")):
+            stat = r[key]
+            if stat["mean"] is not None:
+                ax.bar(i + offset, stat["mean"], width, yerr=stat["std"], color=color, capsize=3,
+                       label=("net mean" if key == "net_mean" else "ensemble") if i == 0 else None)
+            if paper_value is not None:
+                ax.plot(i + offset, paper_value, "kD", markersize=6, label="paper" if i == 0 and key == "net_mean" else None)
+    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{'+'.join(r['archs'])}" for r in rows], fontsize=8)
+    ax.set(ylabel="top-1 (%)", title=title)
+    means = [v for r in rows for v in (r["net_mean"]["mean"], r["ensemble"]["mean"],
+                                       (r["paper"] or {}).get("net_mean"), (r["paper"] or {}).get("ensemble"))
+             if v is not None]
+    if means:
+        ax.set_ylim(max(0, min(means) - 10), min(100, max(means) + 5))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the rows (and recipe) of a paper table")
+    parser.add_argument("--rows", help="'method:arch,arch;method:arch,arch' (instead of, or added to, --preset)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny CPU runs on a synthetic set (CI: checks that the table is produced, not an accuracy)")
+    parser.add_argument("--seeds", type=int, default=None, help="runs per row, seeds 0..N-1 (default 5, the "
+                                                                "paper's; 2 with --quick)")
+    parser.add_argument("--data", default=None, help="the data set (CIFAR-100 for the cifar100 presets)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per run (torchrun); the recipe's "
+                                                                      "batch stays the global batch")
+    parser.add_argument("--train-args", default="", help="more afd_fast.train flags for every run (e.g. '--epochs 200')")
+    parser.add_argument("--runs", default=None, help="folder of the training runs (default runs/accuracy/<name>)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs (their summary.json) and resume "
+                                                             "interrupted ones: a long benchmark continues where it stopped")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/accuracy-<name>-<device>.json)")
+    args = parser.parse_args(argv)
+
+    rows, recipe = list(PRESETS[args.preset][0]) if args.preset else [], PRESETS[args.preset][1] if args.preset else None
+    if args.rows:
+        rows += parse_rows(args.rows)
+    name = args.preset or ("quick" if args.quick else "rows")
+    if args.quick and not rows:
+        rows = QUICK_ROWS
+    if not rows:
+        parser.error("give --preset, --rows or --quick")
+    for method, archs in rows:
+        problem = afd.architecture_problem(method, list(archs))
+        if problem:
+            parser.error(f"row {method}:{','.join(archs)}: {problem}")
+    args.seeds = args.seeds or (2 if args.quick else 5)
+    train_args = []
+    if args.quick:
+        from afd_fast.data import synthetic_image_folder
+
+        data = args.data or synthetic_image_folder(os.path.join(args.runs or os.path.join(ROOT, "runs", "accuracy", name),
+                                                                "data"), num_classes=4, train_per_class=16,
+                                                   val_per_class=4, size=32)
+        train_args += ["--data", data, *QUICK_TRAIN_ARGS]
+    elif args.data is None:
+        parser.error("--data is needed (the CIFAR-100 folder for the cifar100 presets, ImageNet for imagenet-table6)")
+    else:
+        train_args += ["--data", args.data] + (["--recipe", recipe] if recipe else [])
+    train_args += shlex.split(args.train_args)
+    args.runs = args.runs or os.path.join(ROOT, "runs", "accuracy", name)
+
+    device = torch.device(args.device)
+    info = common.machine(device)
+    print(f"afd_fast accuracy benchmark ({name}): {len(rows)} rows x {args.seeds} seeds on "
+          f"{common.machine_name(info)}, runs in {args.runs}", flush=True)
+    runner = Runner(args, train_args)
+    results = []
+    for method, archs in rows:
+        results.append(summarize(method, archs, runner.run_row(method, archs)))
+
+    table = []
+    for r in results:
+        p = r["paper"] or {}
+        table.append([",".join(str(t) for t in p.get("tables", [])) or "-", r["method"], "+".join(r["archs"]),
+                      " / ".join(_fmt(s) for s in r["nets"]), _fmt(r["net_mean"]),
+                      _paper(p.get("net_mean"), p.get("net_mean_derived")), _fmt(r["ensemble"]),
+                      _paper(p.get("ensemble")), f"{r['seconds']['mean']:.0f}"])
+    common.print_table(["table", "method", "networks", "per network", "net mean", "paper", "ensemble", "paper",
+                        "s/run"], table)
+
+    out = args.output or os.path.join(HERE, "results", f"accuracy-{name}-{device.type}.json")
+    title = f"afd_fast accuracy ({name}, {args.seeds} seeds) on {common.machine_name(info)}"
+    payload = {"benchmark": "accuracy", "preset": name, "device": device.type, "machine": info, "seeds": args.seeds,
+               "train_args": train_args, "nproc_per_node": args.nproc_per_node, "rows": results}
+    common.write_json(out, payload)
+    stem = os.path.splitext(out)[0]
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(results, title))
+    draw(results, title, stem + ".png")
+    print(f"wrote {out}, {stem}.md and {stem}.png")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
