@@ -213,12 +213,10 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     # earlier attempt (the dead workers' addresses) must not be read, so each attempt has its own prefix
     store, rank, world = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"afd_fast/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if device == "cuda":  # before the process group: NCCL's communicator goes on this process's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world)
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    return rank, world, torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
 
 
 def average_across_processes(tensors: list[torch.Tensor]) -> None:
