@@ -12,9 +12,9 @@ import torch.distributed as dist
 def evaluate(model, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Top-1/top-5 of every network (``net<k>``), of the ensemble (mean of the softmaxes) and of the
     model's own ensembles (ONE: ``gated_ensemble``), over all processes; ``net_mean_top1/5``: the
-    mean over the networks."""
+    mean over the trained networks (an offline run's frozen teacher is not one)."""
     model.eval()
-    k = len(model.networks)
+    k, trained = len(model.networks), len(model.trained_networks())
     names, correct = None, None
     count = torch.zeros((), dtype=torch.float64, device=device)
     for images, target in loader:
@@ -41,13 +41,14 @@ def evaluate(model, loader, device: torch.device, amp_dtype: torch.dtype | None 
     acc = (100 * correct / count.clamp(min=1)).tolist()
     out = {f"{n}_top{t}": acc[i][j] for i, n in enumerate(names) for j, t in enumerate((1, 5))}
     for t in (1, 5):
-        out[f"net_mean_top{t}"] = sum(out[f"net{i}_top{t}"] for i in range(k)) / k
+        out[f"net_mean_top{t}"] = sum(out[f"net{i}_top{t}"] for i in range(trained)) / trained
     return {**out, "val_images": int(count.item())}
 
 
 def final_accuracy(history: list[dict], num_networks: int) -> dict:
     """The summary's accuracy: the last epoch's (every network, their mean, the ensembles: what the
-    paper reports), and the best single network over all epochs, named as such."""
+    paper reports), and the best single network over all epochs among the first ``num_networks``
+    (the trained ones), named as such."""
     last = history[-1] if history else {}
     best = max(((h[f"net{i}_top1"], h["epoch"], i) for h in history for i in range(num_networks)),
                key=lambda b: b[0], default=None)  # the first of equals

@@ -332,6 +332,7 @@ class Trainer:
         """Evaluation, schedules, the epoch's record and checkpoint; then, with every process here,
         a stop that a signal during evaluation asked for."""
         run, args = self.run, self.args
+        rate = self.meter.epoch_rate(args.batch_size * self.world)  # training alone, before evaluation
         check_finite(run.loss_sums, run.step, args.archs)
         means = {k: v.clone() for k, v in run.loss_sums.items()}
         if dist.is_initialized():  # training-loss means over all processes
@@ -341,11 +342,10 @@ class Trainer:
         for s in self.schedules.values():
             s.step()
         val = metrics.evaluate(self.model, self.loaders.val, self.device, self.step.amp_dtype)
-        record = {"epoch": run.epoch + 1, "step": run.step,
-                  "img_per_s": self.meter.epoch_rate(args.batch_size * self.world),
+        record = {"epoch": run.epoch + 1, "step": run.step, "img_per_s": rate,
                   **{f"train_{k}": (v / max(run.summed, 1)).tolist() for k, v in means.items()}, **val}
         run.history.append(record)
-        score = max(val[f"net{i}_top1"] for i in range(len(args.archs)))
+        score = max(val[f"net{i}_top1"] for i in range(len(self.model.trained_networks())))  # not a frozen teacher
         improved, run.best = score > run.best, max(run.best, score)
         run.epoch, run.batch, run.loss_sums, run.summed = run.epoch + 1, 0, {}, 0
         if self.is_main:
@@ -630,7 +630,7 @@ def write_outputs(args, model: afd.AFDModel, history: list[dict]) -> dict:
                "epochs": last.get("epoch", 0), "steps": last.get("step", 0), "global_batch": args.global_batch,
                "batch_per_process": args.batch_size, "lr": args.lr, "temperature": args.temperature,
                "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1),
-               **metrics.final_accuracy(history, k), "val_images": last.get("val_images")}
+               **metrics.final_accuracy(history, len(model.trained_networks())), "val_images": last.get("val_images")}
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     for i, (arch, net) in enumerate(zip(args.archs, model.networks)):

@@ -34,6 +34,8 @@ class PaperRow:
         """(the K-network mean, whether it is derived from the per-network numbers rather than printed)."""
         if self.mean is not None:
             return self.mean, False
+        if self.method == "l1kd-offline":  # the student alone: the teacher does not train
+            return self.nets[0], False
         if self.nets and all(v is not None for v in self.nets):
             return round(sum(self.nets) / len(self.nets), 2), True
         return None, False

@@ -78,6 +78,9 @@ def test_accuracy_benchmark_quick_writes_the_table_beside_the_papers_numbers(tmp
     assert (afd_row["tables"], afd_row["net_mean"], afd_row["ensemble"]) == ([1, 2, 3], 74.03, 75.64)
     offline = rows[("l1kd-offline", ("resnet32", "resnet32"))]
     assert offline["paper"]["nets"] == [71.91, 69.79] and all(run["teacher_seconds"] > 0 for run in offline["runs"])
+    # the student alone is the offline row's mean, here and in the paper; its teacher trained from another seed
+    assert offline["paper"]["net_mean"] == 71.91 and all(run["net_mean"] == run["nets"][0] for run in offline["runs"])
+    assert (tmp_path / "runs" / "vanilla_resnet32" / "seed1000").is_dir()
     table = out.with_suffix(".md").read_text()
     assert "| 3 | one | resnet32, resnet32 |" in table and "| 72.61 |" in table and "| 74.07 |" in table
     assert "74.03" in stdout and os.path.getsize(out.with_suffix(".png")) > 10_000
