@@ -138,7 +138,8 @@ def _newest_complete(folder: str, exclude: tuple[str, ...] = ()) -> tuple[str, d
     the newer candidates that failed."""
     found = [p for p in (os.path.join(folder, name) for name in CANDIDATES)
              if os.path.isfile(p) and os.path.abspath(p) not in exclude]
-    found.sort(key=os.path.getmtime, reverse=True)  # a stable sort: last, previous, best on equal times
+    # newest first by construction (last.pt is replaced after previous.pt got its contents, best.pt is an
+    # epoch's last.pt), not by modification time, which a copy of the folder may not keep
     damaged = []
     for path in found:
         try:
@@ -263,13 +264,18 @@ class CheckpointWriter:
         self.fault = _Fault.from_environment()
 
     def start_fresh(self) -> None:
-        """A run that does not resume: an earlier run's previous.pt goes, and its last.pt is
-        replaced, not kept as this run's fallback."""
-        for name in (PREVIOUS,):
-            try:
-                os.remove(os.path.join(self.folder, name))
-            except FileNotFoundError:
-                pass
+        """A run that does not resume: an earlier run's previous.pt goes, its last.pt and best.pt are
+        set aside (``*.earlier-run``) so that neither a later --resume nor a fallback takes them."""
+        try:
+            os.remove(os.path.join(self.folder, PREVIOUS))
+        except FileNotFoundError:
+            pass
+        for name in (LAST, BEST):
+            path = os.path.join(self.folder, name)
+            if os.path.exists(path):
+                os.replace(path, path + ".earlier-run")
+                print(f"afd_fast: starting fresh in {self.folder}: the earlier run's {name} is kept as "
+                      f"{name}.earlier-run (pass --resume to continue a run)", file=sys.stderr)
         self.rotate = False
 
     @property

@@ -309,12 +309,12 @@ class Trainer:
     def fit(self) -> None:
         run, loaders = self.run, self.loaders
         for epoch in range(run.epoch, self.args.epochs):
-            if run.step >= self.total_steps:
+            if run.step >= self.total_steps and run.batch == 0:  # (a stop after the last step: its epoch ends)
                 break
             run.epoch = epoch
             self.model.train()
             self.meter.start_epoch()
-            if run.batch < loaders.steps_per_epoch:
+            if run.batch < loaders.steps_per_epoch and run.step < self.total_steps:
                 for images, target in loaders.train_epoch(epoch, run.batch, self.loader_state):
                     images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
                     losses = self.train_step(images, target.to(self.device, non_blocking=True))
@@ -366,6 +366,7 @@ class Trainer:
 
     def save(self, reason: str, best: bool = False, wait: bool = False) -> None:
         """Every process hands its own state to rank 0, whose writer thread writes it durably."""
+        self.refuse_non_finite_state()
         state = self.snapshot(reason)
         if self.is_main:
             self.writer.submit(state, best=best, wait=wait)
@@ -398,6 +399,20 @@ class Trainer:
         if dist.is_initialized():
             dist.destroy_process_group()
         raise preemption.TrainingInterrupted(signum)
+
+    def refuse_non_finite_state(self) -> None:
+        """A blown-up state must not replace the good checkpoints: the processes check their loss sums
+        and weights together (a save is rare: one collective), and all stop if any is not finite."""
+        run = self.run
+        tensors = [*run.loss_sums.values(), *(p.detach() for p in self.model.parameters())]
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any().to(torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            check_finite(run.loss_sums, run.step, self.args.archs)  # names the network if this process saw it
+            raise NonFiniteLoss(f"non-finite loss or weights by step {run.step} (on this or another process): "
+                                "nothing saved, the checkpoints keep the last finite state: lower --lr or "
+                                "--adv-lr and --resume")
 
     def fail_on_write_error(self) -> None:
         if self.is_main:
@@ -620,7 +635,7 @@ def check_finite(loss_sums: dict, step: int, archs: list[str]) -> None:
         if bad:
             k = bad[0]
             raise NonFiniteLoss(f"non-finite {key} by step {step} for network {k} ({archs[k]}); "
-                                "last.pt holds the last good epoch: lower --lr or --adv-lr and --resume")
+                                "the checkpoints keep the last finite state: lower --lr or --adv-lr and --resume")
 
 
 def write_outputs(args, model: afd.AFDModel, history: list[dict]) -> dict:

@@ -165,6 +165,45 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, tmp_path_factor
     _assert_same_training(reference, out)
 
 
+@pytest.mark.slow
+def test_signal_after_the_last_step_then_resume_still_ends_the_epoch(tmp_path, tmp_path_factory, cifar):
+    """A stop agreed after the run's final step: the resumed run evaluates and records that epoch."""
+    extra = ["--epochs", "1", "--max-steps", "3"]
+    reference = _reference(tmp_path_factory, cifar, extra)
+    out = tmp_path / "out"
+    argv = _argv(cifar, out, *extra)
+    rc, log = _interrupt(argv, out, 3)
+    assert rc == 128 + signal.SIGTERM, log[-4000:]
+    rc, log = _run(argv + ["--resume"], tmp_path / "resumed.log")
+    assert rc == 0, log[-4000:]
+    _assert_same_training(reference, out)  # the same epoch record, not an empty history
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_a_blown_up_state_is_never_saved(tmp_path, cifar):
+    """Checkpoints every step and a learning rate that diverges: the run stops on the non-finite
+    state without writing it, so last.pt and previous.pt keep finite weights."""
+    out = tmp_path / "out"
+    rc, log = _run(_argv(cifar, out, "--epochs", "1", "--lr", "1e30", "--checkpoint-every", "1"), tmp_path / "log")
+    assert rc != 0 and "non-finite" in log and "the checkpoints keep the last finite state" in log, log[-3000:]
+    kept = [out / name for name in ("last.pt", "previous.pt") if (out / name).exists()]
+    assert kept  # step 1's checkpoint, before the weights blew up
+    for path in kept:
+        model = checkpoint.load(str(path))["model"]
+        assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point()), path
+
+
+def test_a_fresh_start_sets_an_earlier_runs_checkpoints_aside(tmp_path):
+    for name in ("last.pt", "previous.pt", "best.pt"):
+        (tmp_path / name).write_text(name)
+    checkpoint.CheckpointWriter(str(tmp_path)).start_fresh()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt.earlier-run", "last.pt.earlier-run"]
+    assert checkpoint.resolve_resume("auto", str(tmp_path)) is None  # --resume auto starts fresh
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.resolve_resume("", str(tmp_path))
+
+
 # --- two processes under torchrun ------------------------------------------------------------------
 
 TORCHRUN_EXTRA = ["--loader", "dali", "--workers", "1", "--batch-size", "16", "--epochs", "3",
