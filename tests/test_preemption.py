@@ -385,6 +385,17 @@ def test_an_epoch_resumed_at_a_batch_continues_with_the_same_batches(jpegs, cifa
     assert not torch.equal(other[0][0], full[0][0])
 
 
+def test_torch_loaders_leave_the_global_generator_alone(jpegs):
+    """A resumed run restores torch's global RNG: the loaders must not draw from it."""
+    loaders = build_loaders(jpegs, 32, 8, workers=1, seed=0, backend="torch")
+    state = torch.get_rng_state()
+    for _ in loaders.train_epoch(0):
+        pass
+    for _ in loaders.val:
+        pass
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_durable_write_rotation_and_verified_reads(tmp_path):
     path = str(tmp_path / "last.pt")
     for step in (1, 2, 3):

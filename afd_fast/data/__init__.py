@@ -195,9 +195,13 @@ def _torch_loaders(train_list: FileList, val_list: FileList, image_size, batch_s
     sampler = EpochSampler(len(train_set), world, rank, seed)
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                   worker_init_fn=_WorkerSignals() if workers > 0 else None)
-    train = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True, **common)
+    # Own generators: each iterator draws its workers' base seed from one, and drawing it from torch's
+    # global generator would move the stream that a resumed run restores.
+    train = DataLoader(train_set, batch_size, sampler=sampler, drop_last=True,
+                       generator=torch.Generator().manual_seed(seed), **common)
     # Validation: every image exactly once across processes (a DistributedSampler would pad).
-    val = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size, shuffle=False, **common)
+    val = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size, shuffle=False,
+                     generator=torch.Generator().manual_seed(seed), **common)
 
     def train_epoch(epoch: int, start_batch: int = 0, state=None):
         sampler.set_epoch(epoch, start_batch * batch_size)
