@@ -31,10 +31,7 @@ from afd_fast.models import SplitNetwork
 from afd_fast.models.cifar import CIFAR_NETWORKS
 from afd_fast.models.one import Gate, gated_ensemble, low_level_channels, share_low_layers
 
-ALL_METHODS = ("afd", "dml", "one", "kd", "vanilla", "l1", "l1kd", "l1kd-offline", "adv-only", "kd-only")
-# ONE shares layers between its networks, so it trains K copies of one network only; METHODS take any list
-SHARED_LAYER_METHODS = ("one",)
-METHODS = tuple(m for m in ALL_METHODS if m not in SHARED_LAYER_METHODS)
+METHODS = ("afd", "dml", "one", "kd", "vanilla", "l1", "l1kd", "l1kd-offline", "adv-only", "kd-only")
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ METHOD_SPECS = {
 
 def method_spec(method: str) -> MethodSpec:
     if method not in METHOD_SPECS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHOD_SPECS[method]
 
 

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet20,resnet20",
                    help=f"comma-separated networks, one per peer; known: {', '.join(sorted(NETWORKS))}")
-    p.add_argument("--method", default="afd", choices=afd.ALL_METHODS,
+    p.add_argument("--method", default="afd", choices=afd.METHODS,
                    help="afd; the paper's baselines: dml (sequential, as its authors), one (branches on shared low "
                         "layers, gated-ensemble teacher; identical CIFAR networks), kd (online, mean-ensemble "
                         "teacher), vanilla, l1, l1kd, l1kd-offline (--arch STUDENT,TEACHER with --pretrained "
@@ -610,11 +610,6 @@ def log_epoch(record: dict, val: dict, metrics_path: str, tensorboard) -> None:
           flush=True)
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to path atomically and durably (written beside it, fsynced, renamed)."""
-    checkpoint.write_durably(obj, path, rotate=False)
-
-
 def tensorboard_writer(output: str):
     """TensorBoard event files in <output>/tensorboard when tensorboard is installed."""
     try:
@@ -649,8 +644,8 @@ def write_outputs(args, model: afd.AFDModel, history: list[dict]) -> dict:
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     for i, (arch, net) in enumerate(zip(args.archs, model.networks)):
-        save_atomic({n: t.cpu() for n, t in net.plain_state_dict().items()},
-                    os.path.join(args.output, f"network{i}_{arch}.pt"))
+        checkpoint.write_durably({n: t.cpu() for n, t in net.plain_state_dict().items()},
+                                 os.path.join(args.output, f"network{i}_{arch}.pt"), rotate=False)
     plot_curves(history, k, os.path.join(args.output, "curves.png"))
     print(json.dumps(summary, indent=2))
     return summary

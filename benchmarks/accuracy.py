@@ -73,8 +73,8 @@ def parse_rows(text: str) -> list[tuple[str, tuple[str, ...]]]:
     rows = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         method, _, archs = item.partition(":")
-        if method not in afd.ALL_METHODS or not archs:
-            raise SystemExit(f"--rows: {item!r} is not 'method:arch,arch' with a method of {', '.join(afd.ALL_METHODS)}")
+        if method not in afd.METHODS or not archs:
+            raise SystemExit(f"--rows: {item!r} is not 'method:arch,arch' with a method of {', '.join(afd.METHODS)}")
         rows.append((method, tuple(a.strip().lower() for a in archs.split(","))))
     return rows
 

@@ -161,7 +161,7 @@ def test_transfer_layers_only_where_channels_differ():
     assert all(d.conv1.in_channels == 256 for d in model.discriminators)
 
 
-@pytest.mark.parametrize("method", afd.ALL_METHODS)
+@pytest.mark.parametrize("method", afd.METHODS)
 def test_every_method_takes_a_step(method):
     model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method=method, topology="pair")
     losses = afd.DualStep(model, adv_lr=1e-3)(*_batch(4))

@@ -306,10 +306,12 @@ class Case:
 
 
 AMPS = ("off", "bf16", "fp16")
+# the methods that take any networks (ONE shares layers: identical networks, tests/test_paper_baselines.py)
+ANY_NETWORKS = [m for m in afd.METHODS if not afd.method_spec(m).shared_low_layers]
 CASES = (
-    [Case(method=m, amp=a) for m in afd.METHODS for a in AMPS]  # pair, channels differ
+    [Case(method=m, amp=a) for m in ANY_NETWORKS for a in AMPS]  # pair, channels differ
     + [Case(method=m, amp=a, batched=True) for m in ("afd", "adv-only") for a in AMPS]
-    + [Case(method=m, topology="cyclic", archs=("resnet8", "wrn10-2", "wrn10-1")) for m in afd.METHODS]
+    + [Case(method=m, topology="cyclic", archs=("resnet8", "wrn10-2", "wrn10-1")) for m in ANY_NETWORKS]
     + [Case(topology="cyclic", archs=("resnet8", "wrn10-2", "wrn10-1"), amp=a, batched=True) for a in ("bf16", "fp16")]
     + [Case(topology="cyclic")]
     # equal channel counts: no transfer layers (identity)

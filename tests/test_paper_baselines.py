@@ -159,8 +159,8 @@ def test_one_needs_one_cifar_architecture_k_times(capsys):
 
 
 def test_one_step_is_capturable():
-    """ONE is not in afd.METHODS (tests/test_capture_safety.py runs those on mixed architectures):
-    the same checks here, on identical networks."""
+    """tests/test_capture_safety.py runs the methods on mixed architectures, which ONE cannot
+    train: the same checks here, on identical networks."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_capture_safety import Case, CaptureChecker, build_step, run_checked
 

@@ -29,7 +29,7 @@ def _run(tmp_path, data, *extra):
     return train.main(argv), out
 
 
-@pytest.mark.parametrize("method", afd.ALL_METHODS)
+@pytest.mark.parametrize("method", afd.METHODS)
 def test_every_method_trains_end_to_end(tmp_path, tiny_data, method):
     extra = []
     if afd.method_spec(method).frozen_teacher:  # a "pre-trained" teacher: any weights of the right shape

@@ -59,7 +59,7 @@ struct Thread {
   ucontext_t context;
   char* stack = nullptr;  // kStackBytes above a guard of kGuardBytes
   uint3 idx{0, 0, 0};
-  int linear = 0, warp = 0, lane = 0;
+  int warp = 0, lane = 0;
   State state = State::Runnable;
   const char* file = "";  // where it waits
   int line = 0;
@@ -291,7 +291,6 @@ void run_block(const uint3& block_index) {
   for (int i = 0; i < g_block.threads; ++i) {
     Thread& t = g_threads[i];
     t.idx = {i % d.x, (i / d.x) % d.y, i / (d.x * d.y)};
-    t.linear = i;
     t.warp = i / 32;
     t.lane = i % 32;
     t.state = State::Runnable;
