@@ -71,7 +71,7 @@ step step-benchmark 180 $PY benchmarks/step.py --iters 15 "${DATA_ARGS[@]}" --ou
 step train 90 $PY -m afd_fast.train --device cuda --epochs 2 --output "$OUT/train"
 # the paper's baselines (vanilla, sequential DML, ONE, AFD, offline L1+KD) end to end, 6 steps each: past
 # GraphedStep's warm-up, so every method's step is captured and replayed
-step accuracy-quick 180 $PY benchmarks/accuracy.py --quick --device cuda --train-args "--max-steps 6" \
+step accuracy-quick 120 $PY benchmarks/accuracy.py --quick --device cuda --train-args "--max-steps 6" \
   --runs "$OUT/accuracy-runs" --output "$OUT/accuracy-quick-cuda.json"
 if grep -rl "capture failed" "$OUT/accuracy-runs" >/dev/null 2>&1; then
   echo "**A CUDA graph capture failed in the accuracy runs (they trained eagerly):** $(grep -rl 'capture failed' "$OUT/accuracy-runs" | tr '\n' ' ')" >>"$REPORT"
