@@ -1,6 +1,6 @@
 """The whole training step as one CUDA graph.
 
-``GraphedStep(step)`` wraps a :class:`afd_fast.afd.DualStep` (or anything called as
+``GraphedStep(step)`` wraps a :class:`afd_fast.step.DualStep` (or anything called as
 ``step(images, target) -> dict of tensors`` whose work stays on the GPU without host syncs). The
 first ``warmup`` calls run eagerly on a side stream: they are real training steps, and they create
 what the capture needs to exist already (optimizer moments, cuBLAS/cuDNN workspaces, NCCL

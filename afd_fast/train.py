@@ -15,7 +15,6 @@ otherwise (for torchrun --max-restarts and requeued jobs).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -27,181 +26,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from afd_fast import afd, checkpoint, metrics, ops, preemption
-from afd_fast.data import BACKENDS, BadDataError, build_loaders, synthetic_image_folder
+from afd_fast import checkpoint, metrics, preemption
+from afd_fast.config import Config, parse as parse_config, resume_differences
+from afd_fast.model import AFDModel
+from afd_fast.step import DualStep
+from afd_fast.data import build_loaders, synthetic_image_folder
+from afd_fast.errors import AfdFastError, NonFiniteLoss, exit_with
 from afd_fast.graph import GraphedStep
 from afd_fast.plotting import pyplot
-from afd_fast.models import NETWORKS, build_network
+from afd_fast.schedule import LearningRates
+from afd_fast.models import build_network
 
-IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
-
-RECIPES = {
-    # the paper's CIFAR schedule (§4): SGD 0.1 x0.1 at 150/225 of 300; Adam 2e-5 x0.1 at 75/150
-    "cifar-paper": dict(epochs=300, batch_size=128, lr=0.1, weight_decay=1e-4, milestones=(150, 225),
-                        adv_lr=2e-5, adv_milestones=(75, 150), image_size=32),
-    # the paper's ImageNet run (§4.6): pre-trained ResNet-18/34 (--pretrained), 30 epochs; the
-    # paper gives no learning rates for it, these are a fine-tuning schedule
-    "imagenet-paper": dict(epochs=30, batch_size=256, lr=0.01, weight_decay=1e-4, milestones=(10, 20),
-                           adv_lr=2e-5, adv_milestones=(10, 20), image_size=224),
-    # the embedded default: a few minutes on a CPU
-    "quick": dict(epochs=4, batch_size=32, lr=0.05, weight_decay=5e-4, milestones=(3,),
-                  adv_lr=2e-4, adv_milestones=(3,), image_size=32),
-}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m afd_fast.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20,resnet20",
-                   help=f"comma-separated networks, one per peer; known: {', '.join(sorted(NETWORKS))}")
-    p.add_argument("--method", default="afd", choices=afd.METHODS,
-                   help="afd; the paper's baselines: dml (sequential, as its authors), one (branches on shared low "
-                        "layers, gated-ensemble teacher; identical CIFAR networks), kd (online, mean-ensemble "
-                        "teacher), vanilla, l1, l1kd, l1kd-offline (--arch STUDENT,TEACHER with --pretrained "
-                        ",TEACHER.pt: the teacher frozen); ablations adv-only, kd-only (AFD without the adversary: "
-                        "one synchronous KD step)")
-    p.add_argument("--topology", default=None, choices=("pair", "cyclic"),
-                   help="who learns from whom (default: pair for 2 networks, cyclic for more)")
-    p.add_argument("--data", default=None, help="ImageNet-layout folder (train/<class>/, val/<class>/), a folder "
-                                                "with file lists train.txt and val.txt ('<path> <label>' lines, "
-                                                "paths relative to it) or CIFAR-10/100 in the python format "
-                                                "(cifar-10-batches-py, cifar-100-python); default: the embedded "
-                                                "synthetic set")
-    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                   help="hyper-parameters of a schedule (default: quick without --data, cifar-paper or "
-                        "imagenet-paper by architecture otherwise); flags override it")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int,
-                   help="the global batch, split evenly over the processes (default: the recipe's)")
-    p.add_argument("--lr-scaling", default="none", choices=("none", "linear"),
-                   help="linear: the SGD learning rate times --batch-size / the recipe's batch (the recipes' rates "
-                        "are for their own global batch; Adam's adversarial rate is never scaled)")
-    p.add_argument("--lr", type=float, help="SGD learning rate of the logit losses")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--adv-lr", type=float, help="Adam learning rate of the adversarial losses")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="KD temperature T (default: 1 for dml, as the DML paper; 3 otherwise, as the AFD paper)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--output", default="runs/afd", help="folder for metrics, checkpoints and plots")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--workers", type=int, default=2,
-                   help="data-loading processes (DataLoader) or threads (DALI) per training process")
-    p.add_argument("--loader", default="auto", choices=BACKENDS,
-                   help="auto: NVIDIA DALI when installed (GPU decode on CUDA), else the torchvision DataLoader")
-    p.add_argument("--skip-bad-files", action="store_true",
-                   help="leave out non-image, truncated or (with --verify-images) undecodable files (reported) "
-                        "instead of stopping")
-    p.add_argument("--verify-images", action="store_true",
-                   help="decode every image once at start-up to find corrupt files (a pass over the data set)")
-    p.add_argument("--pretrained", default=None,
-                   help="comma-separated local state_dict files, one per network; an empty entry starts that "
-                        "network fresh (e.g. ',teacher.pt')")
-    p.add_argument("--print-every", type=int, default=20, help="steps between progress lines")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="share batch-norm statistics across processes (CUDA; default: per process, as DDP)")
-    ckpt = p.add_argument_group(
-        "checkpoints and preemption",
-        "last.pt is written at every epoch end, every --checkpoint-every steps / --checkpoint-minutes (by a\n"
-        "background thread: training pauses only to copy the state to host memory) and on SIGTERM or SIGUSR1,\n"
-        "after which every process exits with status 128 + the signal number and the log names the command\n"
-        "that resumes. Writes are atomic and fsynced; previous.pt keeps the checkpoint before last.pt.")
-    ckpt.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH|auto",
-                      help="continue exactly where a checkpoint stopped, mid-epoch included (same batches, same "
-                           "augmentation, every RNG); alone: the newest complete checkpoint in --output; 'auto': "
-                           "that when --output has a checkpoint, else start fresh (torchrun --max-restarts, "
-                           "requeued jobs)")
-    ckpt.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
-                      help="also write last.pt every STEPS training steps")
-    ckpt.add_argument("--checkpoint-minutes", type=float, default=None, metavar="MINUTES",
-                      help="also write last.pt when MINUTES have passed since the last one (with several "
-                           "processes checked every --signal-check-every steps)")
-    ckpt.add_argument("--signal-check-every", type=int, default=None, metavar="STEPS",
-                      help="with several processes: steps between the checks (one small all-reduce) that make every "
-                           "process stop after the same step on a signal (default: --print-every); one process "
-                           "checks after every step at no cost")
-    fast = p.add_argument_group("speed", "--amp, --channels-last and --cuda-graph are on by default with "
-                                         "--device cuda and off on the CPU")
-    fast.add_argument("--amp", choices=afd.AMP_DTYPES, default=None,
-                      help="autocast the forward in bf16 or fp16 (fp16 adds on-device loss scaling); "
-                           "default bf16 on CUDA, off on the CPU")
-    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                      help="NHWC memory layout of the networks and the batches")
-    fast.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                      help="capture the whole training step (forward, three gradient sets, their averaging, "
-                           "three optimizer steps) in one CUDA graph and replay it")
-    fast.add_argument("--batched-backward", action="store_true",
-                      help="experiment: the logit and adversarial gradient sets through the extractors in one "
-                           "batched backward (same values; benchmarks/step.py measures whether it pays)")
-    fast.add_argument("--hw-decoder-load", type=float, default=0.65,
-                      help="DALI on a GPU: share of JPEG decoding given to the hardware decoder (0..1)")
-    fast.add_argument("--prefetch", type=int, default=2, help="DALI: batches prepared ahead (prefetch queue depth)")
-    args = p.parse_args(argv)
-
-    args.archs = [a.strip().lower() for a in args.arch.split(",") if a.strip()]
-    for a in args.archs:
-        if a not in NETWORKS:
-            p.error(f"unknown network {a!r}; known networks: {', '.join(sorted(NETWORKS))}")
-    problem = afd.architecture_problem(args.method, args.archs)
-    if problem:
-        p.error(problem)
-    args.topology = args.topology or ("pair" if len(args.archs) == 2 else "cyclic")
-    if args.topology == "pair" and len(args.archs) != 2:
-        p.error("--topology pair is for exactly 2 networks; use cyclic")
-    if args.data is not None and not os.path.isdir(args.data):
-        p.error(f"--data {args.data!r} is not a folder")
-    if args.pretrained:
-        args.pretrained = args.pretrained.split(",")
-        if len(args.pretrained) != len(args.archs):
-            p.error(f"--pretrained needs one file per network ({len(args.archs)}), got {len(args.pretrained)}")
-        for path in args.pretrained:
-            if path and not os.path.isfile(path):
-                p.error(f"--pretrained file {path!r} does not exist")
-    if afd.method_spec(args.method).frozen_teacher and not (args.pretrained and args.pretrained[-1]):
-        p.error(f"--method {args.method} distils from a pre-trained teacher, the last network of --arch: give its "
-                "weights with --pretrained (e.g. ',teacher.pt')")
-    recipe = args.recipe or ("quick" if args.data is None else
-                             "imagenet-paper" if args.archs[0] in IMAGENET_ARCHS else "cifar-paper")
-    args.recipe = recipe
-    for key, value in RECIPES[recipe].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    # --batch-size is the global batch; from here on args.batch_size is this process's share of it
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size < 1 or args.batch_size % world:
-        p.error(f"--batch-size {args.batch_size} is the global batch: it must split evenly over the {world} processes")
-    args.global_batch, args.batch_size = args.batch_size, args.batch_size // world
-    args.temperature = afd.method_spec(args.method).temperature if args.temperature is None else args.temperature
-    if args.lr_scaling == "linear":
-        args.lr *= args.global_batch / RECIPES[recipe]["batch_size"]
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but no GPU is visible; use --device cpu")
-    if args.sync_bn and args.device != "cuda":
-        p.error("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only)")
-    if not 0.0 <= args.hw_decoder_load <= 1.0:
-        p.error(f"--hw-decoder-load must lie in [0, 1], got {args.hw_decoder_load}")
-    if args.prefetch < 1:
-        p.error(f"--prefetch must be at least 1, got {args.prefetch}")
-    for flag in ("checkpoint_every", "signal_check_every", "print_every"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.checkpoint_minutes is not None and not args.checkpoint_minutes > 0:
-        p.error(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
-    args.signal_check_every = args.signal_check_every or args.print_every
-    cuda = args.device == "cuda"
-    args.amp = args.amp or ("bf16" if cuda else "off")
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
-    if args.cuda_graph and not cuda:
-        print("afd_fast: --cuda-graph needs --device cuda: the CPU runs eager steps", file=sys.stderr)
-    args.cuda_graph = cuda and args.cuda_graph is not False
-    if args.cuda_graph and not ops.HAS_EXTENSION:
-        print("afd_fast: no CUDA graph: afd_fast._C is not built and the plain-PyTorch losses read the peer "
-              "weights on the host (pip install --no-build-isolation -e .)", file=sys.stderr)
-        args.cuda_graph = False
-    if args.batched_backward and args.sync_bn:
-        p.error("--batched-backward cannot be combined with --sync-bn (SyncBatchNorm's backward all-reduces)")
-    return args
+def parse_args(argv=None) -> Config:
+    """The command line resolved into the run's frozen :class:`afd_fast.config.Config`; a bad setting
+    exits (status 2) with a message that names it."""
+    config = parse_config(argv, description=__doc__)
+    for note in config.notes:
+        print(f"afd_fast: {note}", file=sys.stderr)
+    return config
 
 
 # --- distributed -----------------------------------------------------------------------------------
@@ -236,22 +78,25 @@ def average_across_processes(tensors: list[torch.Tensor]) -> None:
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    config = parse_args(argv)
+    if config.print_config:
+        print(config.to_yaml(), end="")
+        return {}
+    rank, world, device = setup_distributed(config.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
     # the handlers go in first: a signal during start-up (data listing, resume) must not kill the run
-    control = preemption.StopControl(rank, world, device, args.signal_check_every, args.checkpoint_every,
-                                     args.checkpoint_minutes, output=args.output)
+    control = preemption.StopControl(rank, world, device, config.signal_check_every, config.checkpoint_every,
+                                     config.checkpoint_minutes)
     with control:
-        trainer = Trainer(args, rank, world, device, control, preemption.resume_command(argv))
+        trainer = Trainer(config, rank, world, device, control, preemption.resume_command(argv))
         try:
             trainer.fit()
         finally:
             trainer.close()
-        summary = write_outputs(args, trainer.model, trainer.run.history) if rank == 0 else {}
+        summary = write_outputs(config, trainer.model, trainer.run.history) if rank == 0 else {}
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
@@ -282,33 +127,35 @@ class Trainer:
     checkpoints (:mod:`afd_fast.checkpoint`) and the stop agreement (:mod:`afd_fast.preemption`).
     :meth:`fit` is the training loop."""
 
-    def __init__(self, args, rank: int, world: int, device: torch.device, control: preemption.StopControl,
+    def __init__(self, config, rank: int, world: int, device: torch.device, control: preemption.StopControl,
                  resume_hint: str):
-        self.args, self.rank, self.world, self.device, self.control = args, rank, world, device, control
+        self.config, self.rank, self.world, self.device, self.control = config, rank, world, device, control
         self.is_main, self.resume_hint = rank == 0, resume_hint
-        self.loaders = build_data(args, rank, world, device)
-        self.model, self.step, self.train_step, self.schedules = build_training(args, self.loaders.num_classes,
-                                                                               world, device)
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.loaders = build_data(config, rank, world, device)
+        self.model, self.step, self.train_step, self.rates = build_training(
+            config, self.loaders.num_classes, world, device, self.loaders.steps_per_epoch)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.buffer_names = set(self.model.state_dict()) - {n for n, _ in self.model.named_parameters()}
         spe = self.loaders.steps_per_epoch
-        self.total_steps = spe * args.epochs if args.max_steps is None else min(args.max_steps, spe * args.epochs)
+        self.total_steps = spe * config.epochs if config.max_steps is None else min(config.max_steps, spe * config.epochs)
         self.run, self.loader_state = Progress(), None
-        os.makedirs(args.output, exist_ok=True)
-        self.metrics_path = os.path.join(args.output, "metrics.jsonl")
-        self.writer = checkpoint.CheckpointWriter(args.output, resume_hint) if self.is_main else None
+        os.makedirs(config.output, exist_ok=True)
+        self.metrics_path = os.path.join(config.output, "metrics.jsonl")
+        self.writer = checkpoint.CheckpointWriter(config.output, resume_hint) if self.is_main else None
         control.write_failed = lambda: self.writer is not None and self.writer.failed
         self.resume_or_start_fresh()
+        if self.is_main:
+            write_config(config)
         self.saved_step = self.run.step  # the newest checkpoint's step: nothing to save on a stop before the next
-        self.tensorboard = tensorboard_writer(args.output) if self.is_main else None
+        self.tensorboard = tensorboard_writer(config.output) if self.is_main else None
         self.meter = Meter()
         if self.is_main:
-            print_start(args, world, device, self.loaders)
+            print_start(config, world, device, self.loaders)
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> None:
         run, loaders = self.run, self.loaders
-        for epoch in range(run.epoch, self.args.epochs):
+        for epoch in range(run.epoch, self.config.epochs):
             if run.step >= self.total_steps and run.batch == 0:  # (a stop after the last step: its epoch ends)
                 break
             run.epoch = epoch
@@ -317,6 +164,7 @@ class Trainer:
             if run.batch < loaders.steps_per_epoch and run.step < self.total_steps:
                 for images, target in loaders.train_epoch(epoch, run.batch, self.loader_state):
                     images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                    self.rates.apply(run.step)
                     losses = self.train_step(images, target.to(self.device, non_blocking=True))
                     run.count(losses)
                     self.report(losses, images.shape[0])
@@ -331,18 +179,18 @@ class Trainer:
     def end_epoch(self) -> None:
         """Evaluation, schedules, the epoch's record and checkpoint; then, with every process here,
         a stop that a signal during evaluation asked for."""
-        run, args = self.run, self.args
-        rate = self.meter.epoch_rate(args.batch_size * self.world)  # training alone, before evaluation
-        check_finite(run.loss_sums, run.step, args.archs)
+        run, config = self.run, self.config
+        rate = self.meter.epoch_rate(config.batch_per_process * self.world)  # training alone, before evaluation
+        check_finite(run.loss_sums, run.step, config.archs)
         means = {k: v.clone() for k, v in run.loss_sums.items()}
         if dist.is_initialized():  # training-loss means over all processes
             for value in means.values():
                 dist.all_reduce(value)
                 value /= self.world
-        for s in self.schedules.values():
-            s.step()
         val = metrics.evaluate(self.model, self.loaders.val, self.device, self.step.amp_dtype)
-        record = {"epoch": run.epoch + 1, "step": run.step, "img_per_s": rate,
+        rates = self.rates.rates(max(run.step - 1, 0))  # the epoch's last step's (a cosine moves every step)
+        record = {"epoch": run.epoch + 1, "step": run.step, "img_per_s": rate, "lr": rates["logit"],
+                  **({"adv_lr": rates["generator"]} if "generator" in rates else {}),
                   **{f"train_{k}": (v / max(run.summed, 1)).tolist() for k, v in means.items()}, **val}
         run.history.append(record)
         score = max(val[f"net{i}_top1"] for i in range(len(self.model.trained_networks())))  # not a frozen teacher
@@ -387,8 +235,9 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()  # no process exits (and makes torchrun kill the others) before last.pt is whole
         run, name = self.run, preemption.signal_name(signum)
-        print(f"afd_fast: rank {self.rank}: {name}: stopped after step {run.step}", file=sys.stderr, flush=True)
+        stopped = f"rank {self.rank}: {name}: stopped after step {run.step}"
         if error is not None:
+            print(f"afd_fast: {stopped}", file=sys.stderr, flush=True)
             raise error
         if self.is_main:
             where = (f"epoch {run.epoch + 1}, batch {run.batch} of {self.loaders.steps_per_epoch}" if run.batch
@@ -398,7 +247,7 @@ class Trainer:
                   flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise preemption.TrainingInterrupted(signum)
+        raise preemption.TrainingInterrupted(signum, stopped)
 
     def refuse_non_finite_state(self) -> None:
         """A blown-up state must not replace the good checkpoints: the processes check their loss sums
@@ -409,7 +258,7 @@ class Trainer:
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            check_finite(run.loss_sums, run.step, self.args.archs)  # names the network if this process saw it
+            check_finite(run.loss_sums, run.step, self.config.archs)  # names the network if this process saw it
             raise NonFiniteLoss(f"non-finite loss or weights by step {run.step} (on this or another process): "
                                 "nothing saved, the checkpoints keep the last finite state: lower --lr or "
                                 "--adv-lr and --resume")
@@ -417,13 +266,13 @@ class Trainer:
     def fail_on_write_error(self) -> None:
         if self.is_main:
             self.writer.wait()  # raises CheckpointWriteError with rank 0's message
-        raise checkpoint.CheckpointWriteError(f"afd_fast: rank {self.rank}: stopping: rank 0 could not write a "
+        raise checkpoint.CheckpointWriteError(f"rank {self.rank}: stopping: rank 0 could not write a "
                                               "checkpoint (its message says why)")
 
     def snapshot(self, reason: str) -> dict | None:
         """The checkpoint of this moment, in host memory, on rank 0 (None elsewhere): the shared
         state plus every process's own (RNGs, batch-norm buffers, loss sums, data loader state)."""
-        run, args = self.run, self.args
+        run, config = self.run, self.config
         own = checkpoint.host_copy({
             "rng": checkpoint.rng_state(), "loss_sums": run.loss_sums, "summed": run.summed,
             "buffers": {n: b for n, b in self.model.named_buffers() if n in self.buffer_names},
@@ -436,24 +285,24 @@ class Trainer:
             return None
         return checkpoint.host_copy({
             "model": self.model.state_dict(), "optimizers": self.step.state_dict(),
-            "schedules": {n: s.state_dict() for n, s in self.schedules.items()},
             "epoch": run.epoch, "batch": run.batch, "step": run.step, "world_size": self.world,
-            "batch_size": args.batch_size, "steps_per_epoch": self.loaders.steps_per_epoch, "best": run.best,
-            "history": run.history, "ranks": ranks, "args": vars(args), "reason": reason})
+            "batch_size": config.batch_per_process, "steps_per_epoch": self.loaders.steps_per_epoch,
+            "loader_backend": self.loaders.backend, "best": run.best, "history": run.history, "ranks": ranks,
+            "config": config.settings(), "reason": reason})
 
     def resume_or_start_fresh(self) -> None:
         """--resume: rank 0 picks the checkpoint (or fails), every process reads that file."""
-        args, found, error = self.args, None, None
+        config, found, error = self.config, None, None
         if self.is_main:
             try:
-                found = checkpoint.resolve_resume(args.resume, args.output)
+                found = checkpoint.resolve_resume(config.resume, config.output)
             except checkpoint.CheckpointError as e:
-                error = checkpoint.CheckpointError(f"afd_fast: {e}")
+                error = e
         if self.world > 1:
             box = [found[0] if found else None, error is not None]
             dist.broadcast_object_list(box, src=0)
             if not self.is_main and box[1]:
-                raise checkpoint.CheckpointError(f"afd_fast: rank {self.rank}: rank 0 cannot resume (its message "
+                raise checkpoint.CheckpointError(f"rank {self.rank}: rank 0 cannot resume (its message "
                                                  "says why)")
             if not self.is_main and box[0] is not None:
                 found = (box[0], checkpoint.load(box[0]), [])
@@ -461,17 +310,18 @@ class Trainer:
             raise error
         if found is None:
             if self.is_main:
-                if args.resume == "auto":
-                    print(f"afd_fast: --resume auto: no checkpoint in {args.output}: starting fresh")
+                if config.resume == "auto":
+                    print(f"afd_fast: --resume auto: no checkpoint in {config.output}: starting fresh")
                 self.writer.start_fresh()
-                checkpoint.remove_temporaries(args.output)
+                checkpoint.remove_temporaries(config.output)
                 if os.path.exists(self.metrics_path):
                     os.remove(self.metrics_path)
             return
         path, ckpt, damaged = found
+        self.check_same_run(path, ckpt)
         self.restore(ckpt)
         if self.is_main:
-            checkpoint.remove_temporaries(args.output)
+            checkpoint.remove_temporaries(config.output)
             for bad, message in damaged:
                 print(f"afd_fast: {message}: resuming from {path} instead; the damaged file is kept as "
                       f"{bad}.damaged", file=sys.stderr)
@@ -481,18 +331,39 @@ class Trainer:
             self.writer.good = checkpoint.describe(ckpt)
             print(f"afd_fast: resumed from {path} ({checkpoint.describe(ckpt)})", flush=True)
 
+    def check_same_run(self, path: str, ckpt: dict) -> None:
+        """--resume continues the checkpoint's run: one of another run (networks, method, topology, data,
+        global batch, image size, loader, steps per epoch) is refused; other changed settings are named."""
+        saved = ckpt.get("config")
+        if saved is None:  # a checkpoint of an earlier afd_fast
+            if self.is_main:
+                print(f"afd_fast: {path} does not record its configuration: the settings are not compared",
+                      file=sys.stderr)
+            return
+        refuse, warn = resume_differences(saved, self.config)
+        for what, old, new in (("loader", ckpt.get("loader_backend"), self.loaders.backend),
+                               ("steps per epoch", ckpt.get("steps_per_epoch"), self.loaders.steps_per_epoch)):
+            if old is not None and old != new:
+                refuse.append(f"{what} {old} -> {new}")
+        if refuse:
+            raise checkpoint.CheckpointError(
+                f"--resume: {path} is another run: {'; '.join(refuse)}. Resume with its settings (see "
+                f"{os.path.join(self.config.output, 'config.yaml')}: --config that file --resume) or start a new run "
+                "in another --output")
+        if warn and self.is_main:
+            print(f"afd_fast: resuming with changed settings: {'; '.join(warn)}", file=sys.stderr)
+
     def restore(self, ckpt: dict) -> None:
-        run, args, spe = self.run, self.args, self.loaders.steps_per_epoch
+        run, config, spe = self.run, self.config, self.loaders.steps_per_epoch
         self.model.load_state_dict(ckpt["model"])
         self.step.load_state_dict(ckpt["optimizers"])
-        for name, schedule in self.schedules.items():
-            schedule.load_state_dict(ckpt["schedules"][name])
+        self.rates.forget()  # the loaded optimizer state holds the checkpoint's rates
         run.epoch, run.batch, run.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
         run.best, run.history = ckpt["best"], ckpt["history"]
         ranks = ckpt["ranks"]
         own = ranks[self.rank] if self.rank < len(ranks) else ranks[0]
         checkpoint.set_rng_state(own["rng"])
-        if ckpt["world_size"] == self.world and ckpt["batch_size"] == args.batch_size:
+        if ckpt["world_size"] == self.world and ckpt["batch_size"] == config.batch_per_process:
             with torch.no_grad():
                 buffers = dict(self.model.named_buffers())
                 for name, value in own.get("buffers", {}).items():
@@ -502,11 +373,11 @@ class Trainer:
             self.loader_state = own.get("loader")
         elif run.batch:  # another layout: the same share of the epoch, not the same batches
             done = run.batch * ckpt["batch_size"] * ckpt["world_size"]
-            run.batch = min(done // (args.batch_size * self.world), spe)
+            run.batch = min(done // (config.batch_per_process * self.world), spe)
             run.step = run.epoch * spe + run.batch
             if self.is_main:
                 print(f"afd_fast: the checkpoint stopped inside an epoch with {ckpt['world_size']} process(es) x "
-                      f"batch {ckpt['batch_size']}; with {self.world} x {args.batch_size} the epoch continues at "
+                      f"batch {ckpt['batch_size']}; with {self.world} x {config.batch_per_process} the epoch continues at "
                       f"batch {run.batch}, not with exactly the same batches (resume with the same layout for that)",
                       file=sys.stderr)
 
@@ -520,13 +391,14 @@ class Trainer:
         """Progress line (rank 0) and the NaN/inf check at the print cadence: no host sync per step."""
         run = self.run
         self.meter.count(batch * self.world)
-        if run.step % self.args.print_every == 0 or run.step == self.total_steps:
-            check_finite(run.loss_sums, run.step, self.args.archs)
+        if run.step % self.config.print_every == 0 or run.step == self.total_steps:
+            check_finite(run.loss_sums, run.step, self.config.archs)
             if self.is_main:
                 rate = self.meter.rate()
                 eta = (self.total_steps - run.step) * batch * self.world / max(rate, 1e-9)
-                print(f"epoch {run.epoch + 1}/{self.args.epochs} step {run.step}/{self.total_steps} "
-                      f"loss {float(losses['logit'].detach()):.4f} {rate:.1f} img/s ETA {eta:.0f}s", flush=True)
+                print(f"epoch {run.epoch + 1}/{self.config.epochs} step {run.step}/{self.total_steps} "
+                      f"loss {float(losses['logit'].detach()):.4f} lr {self.rates.rates(run.step - 1)['logit']:.4g} "
+                      f"{rate:.1f} img/s ETA {eta:.0f}s", flush=True)
 
 
 class Meter:
@@ -552,50 +424,56 @@ class Meter:
 
 # --- building --------------------------------------------------------------------------------------
 
-def build_data(args, rank: int, world: int, device: torch.device):
-    data_root = args.data
+def build_data(config, rank: int, world: int, device: torch.device):
+    data_root = config.data
     if data_root is None:
         if rank == 0:
-            data_root = synthetic_image_folder(size=args.image_size)
+            data_root = synthetic_image_folder(size=config.image_size)
         if dist.is_initialized():
             dist.barrier()
-        data_root = synthetic_image_folder(size=args.image_size)
-    return build_loaders(data_root, args.image_size, args.batch_size, args.workers, args.seed, rank, world,
-                         backend=args.loader, device=device, skip_bad=args.skip_bad_files,
-                         hw_decoder_load=args.hw_decoder_load, prefetch=args.prefetch,
-                         dtype=torch.float16 if args.amp == "fp16" else torch.float32, verify=args.verify_images)
+        data_root = synthetic_image_folder(size=config.image_size)
+    return build_loaders(data_root, config.image_size, config.batch_per_process, config.workers, config.seed, rank, world,
+                         backend=config.loader, device=device, skip_bad=config.skip_bad_files,
+                         hw_decoder_load=config.hw_decoder_load, prefetch=config.prefetch,
+                         dtype=torch.float16 if config.amp == "fp16" else torch.float32, verify=config.verify_images)
 
 
-def build_training(args, num_classes: int, world: int, device: torch.device):
-    """(model, dual step, the step to call (CUDA graph or eager), learning-rate schedules)."""
-    networks = [build_network(a, num_classes) for a in args.archs]
-    for net, path in zip(networks, args.pretrained or []):
+def build_training(config, num_classes: int, world: int, device: torch.device, steps_per_epoch: int):
+    """(model, dual step, the step to call (CUDA graph or eager), the learning rates of each step)."""
+    networks = [build_network(a, num_classes) for a in config.archs]
+    for net, path in zip(networks, config.pretrained or []):
         if path:  # an empty entry: this network starts fresh
             net.load_plain_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model = afd.AFDModel(networks, args.method, args.topology, args.image_size, args.temperature).to(device)
-    model = model.to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if args.sync_bn and world > 1:
+    model = AFDModel(networks, config.method, config.topology, config.image_size, config.temperature,
+                     label_smoothing=config.label_smoothing).to(device)
+    model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    if config.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    step = afd.DualStep(model, lr=args.lr, weight_decay=args.weight_decay, adv_lr=args.adv_lr,
-                        average_gradients=average_across_processes if world > 1 else None, amp=args.amp,
-                        capturable=args.cuda_graph, batched_backward=args.batched_backward)
-    train_step = GraphedStep(step) if args.cuda_graph else step
-    schedules = {name: torch.optim.lr_scheduler.MultiStepLR(
-                     opt, list(args.adv_milestones if name != "logit" else args.milestones), 0.1)
-                 for name, opt in step.optimizers.items()}
-    return model, step, train_step, schedules
+    step = DualStep(model, lr=config.effective_lr, momentum=config.momentum, nesterov=config.nesterov,
+                    weight_decay=config.weight_decay, adv_lr=config.adv_lr, adv_weight_decay=config.adv_weight_decay,
+                    average_gradients=average_across_processes if world > 1 else None, amp=config.amp,
+                    capturable=config.cuda_graph, batched_backward=config.batched_backward)
+    train_step = GraphedStep(step) if config.cuda_graph else step
+    rates = LearningRates(step.optimizers, config.schedules(), steps_per_epoch)
+    return model, step, train_step, rates
 
 
-def print_start(args, world: int, device: torch.device, loaders) -> None:
-    if args.recipe == "imagenet-paper" and not args.pretrained:
-        print("note: the paper's ImageNet experiment starts from pre-trained networks (--pretrained a.pt,b.pt)")
-    print(f"afd_fast: {args.method} on {', '.join(args.archs)} ({args.topology}), {world} process(es) on "
+def print_start(config, world: int, device: torch.device, loaders) -> None:
+    print(f"afd_fast: {config.method} on {', '.join(config.archs)} ({config.topology}), {world} process(es) on "
           f"{device}, {loaders.train_size} training images in {loaders.num_classes} classes "
-          f"({loaders.backend} loader), recipe {args.recipe}, amp {args.amp}, "
-          f"channels-last {'on' if args.channels_last else 'off'}, CUDA graph {'on' if args.cuda_graph else 'off'}")
-    print(f"afd_fast: global batch {args.global_batch} ({args.batch_size} per process x {world}), SGD lr {args.lr:g}"
-          f"{' (linear scaling)' if args.lr_scaling == 'linear' else ''}, Adam lr {args.adv_lr:g}, "
-          f"T {args.temperature:g}, {args.epochs} epochs")
+          f"({loaders.backend} loader), amp {config.amp}, "
+          f"channels-last {'on' if config.channels_last else 'off'}, CUDA graph {'on' if config.cuda_graph else 'off'}")
+    print(f"afd_fast: recipe {config.recipe} ({config.recipe_reason}); global batch {config.batch_size} "
+          f"({config.batch_per_process} per process x {world}), T {config.temperature:g}")
+    print(f"afd_fast: schedule: {config.describe_schedule()}")
+
+
+def write_config(config: Config) -> None:
+    """<output>/config.yaml: the resolved configuration (--config that file repeats the run)."""
+    path = os.path.join(config.output, "config.yaml")
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_yaml())
+    os.replace(path + ".tmp", path)
 
 
 def log_epoch(record: dict, val: dict, metrics_path: str, tensorboard) -> None:
@@ -619,10 +497,6 @@ def tensorboard_writer(output: str):
     return SummaryWriter(os.path.join(output, "tensorboard"))
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 def check_finite(loss_sums: dict, step: int, archs: list[str]) -> None:
     """Stop on NaN/inf in the epoch's running loss sums, naming the network and the step."""
     for key, value in loss_sums.items():
@@ -633,20 +507,21 @@ def check_finite(loss_sums: dict, step: int, archs: list[str]) -> None:
                                 "the checkpoints keep the last finite state: lower --lr or --adv-lr and --resume")
 
 
-def write_outputs(args, model: afd.AFDModel, history: list[dict]) -> dict:
+def write_outputs(config, model: AFDModel, history: list[dict]) -> dict:
     last = history[-1] if history else {}
-    k = len(args.archs)
-    summary = {"method": args.method, "archs": args.archs, "topology": args.topology,
-               "epochs": last.get("epoch", 0), "steps": last.get("step", 0), "global_batch": args.global_batch,
-               "batch_per_process": args.batch_size, "lr": args.lr, "temperature": args.temperature,
+    k = len(config.archs)
+    summary = {"method": config.method, "archs": config.archs, "topology": config.topology,
+               "epochs": last.get("epoch", 0), "steps": last.get("step", 0), "global_batch": config.batch_size,
+               "batch_per_process": config.batch_per_process, "lr": config.effective_lr, "temperature": config.temperature,
+               "recipe": config.recipe, "lr_schedule": config.lr_schedule, "image_size": config.image_size,
                "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1),
                **metrics.final_accuracy(history, len(model.trained_networks())), "val_images": last.get("val_images")}
-    with open(os.path.join(args.output, "summary.json"), "w") as f:
+    with open(os.path.join(config.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    for i, (arch, net) in enumerate(zip(args.archs, model.networks)):
+    for i, (arch, net) in enumerate(zip(config.archs, model.networks)):
         checkpoint.write_durably({n: t.cpu() for n, t in net.plain_state_dict().items()},
-                                 os.path.join(args.output, f"network{i}_{arch}.pt"), rotate=False)
-    plot_curves(history, k, os.path.join(args.output, "curves.png"))
+                                 os.path.join(config.output, f"network{i}_{arch}.pt"), rotate=False)
+    plot_curves(history, k, os.path.join(config.output, "curves.png"))
     print(json.dumps(summary, indent=2))
     return summary
 
@@ -676,5 +551,5 @@ def plot_curves(history: list[dict], k: int, path: str) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLoss, BadDataError) as e:
-        raise SystemExit(f"afd_fast: {e}")
+    except AfdFastError as e:
+        exit_with(e)

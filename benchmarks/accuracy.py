@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import paper_tables  # noqa: E402
 
-from afd_fast import afd, train  # noqa: E402
+from afd_fast import train  # noqa: E402
+from afd_fast.errors import AfdFastError, TrainingInterrupted, exit_with, signal_name  # noqa: E402
+from afd_fast.methods import METHODS, architecture_problem, method_spec  # noqa: E402
 from afd_fast.plotting import pyplot  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,8 +76,8 @@ def parse_rows(text: str) -> list[tuple[str, tuple[str, ...]]]:
     rows = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         method, _, archs = item.partition(":")
-        if method not in afd.METHODS or not archs:
-            raise SystemExit(f"--rows: {item!r} is not 'method:arch,arch' with a method of {', '.join(afd.METHODS)}")
+        if method not in METHODS or not archs:
+            raise SystemExit(f"--rows: {item!r} is not 'method:arch,arch' with a method of {', '.join(METHODS)}")
         rows.append((method, tuple(a.strip().lower() for a in archs.split(","))))
     return rows
 
@@ -105,13 +108,19 @@ class Runner:
               flush=True)
         log_path = os.path.join(out, "train.log")
         start = time.perf_counter()
-        if n > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   "-m", "afd_fast.train", *argv]
-            with open(log_path, "w") as log:
-                failed = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-        else:
-            failed = _train_in_process(argv, log_path)
+        try:
+            if n > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                       "-m", "afd_fast.train", *argv]
+                with open(log_path, "w") as log:
+                    failed = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+                if failed - 128 in (signal.SIGTERM, signal.SIGUSR1):
+                    raise TrainingInterrupted(failed - 128)
+            else:
+                failed = _train_in_process(argv, log_path)
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(e.signum, f"{signal_name(e.signum)}: the run in {out} stopped and was "
+                                      "checkpointed; the same command with --reuse continues it") from None
         seconds = time.perf_counter() - start
         if failed:
             with open(log_path) as log:
@@ -128,7 +137,7 @@ class Runner:
         runs = []
         for seed in range(self.args.seeds):
             extra, teacher_seconds = [], None
-            if afd.method_spec(method).frozen_teacher:  # the paper's offline teacher: the last network, trained alone
+            if method_spec(method).frozen_teacher:  # the paper's offline teacher: the last network, trained alone
                 # from another seed: with the student's, a same-architecture teacher starts from the student's
                 # very weights and sees the same batches, which makes the alignment unfairly easy
                 teacher_seed = seed + TEACHER_SEED_OFFSET
@@ -152,6 +161,8 @@ def _train_in_process(argv: list[str], log_path: str):
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             train.main(argv)
+        except TrainingInterrupted:
+            raise  # stopped on a signal after checkpointing: not a failure of the run
         except (Exception, SystemExit) as e:  # noqa: BLE001: reported with the run's log
             traceback.print_exc(file=log)
             return f"{type(e).__name__}: {e}"
@@ -267,7 +278,7 @@ def main(argv=None) -> dict:
     if not rows:
         parser.error("give --preset, --rows or --quick")
     for method, archs in rows:
-        problem = afd.architecture_problem(method, list(archs))
+        problem = architecture_problem(method, list(archs))
         if problem:
             parser.error(f"row {method}:{','.join(archs)}: {problem}")
     args.seeds = args.seeds or (2 if args.quick else 5)
@@ -319,4 +330,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AfdFastError as e:
+        exit_with(e)

@@ -5,7 +5,7 @@
     python benchmarks/step.py --device cpu     # the same ladder at small sizes
     python benchmarks/step.py --quick          # a smoke run (what CI runs)
 
-On in-memory synthetic input (random tensors already on the device, afd_fast.data.RandomBatches):
+On in-memory synthetic input (random tensors already on the device, common.RandomBatches):
   1. eager float32 with the plain-PyTorch reference losses (what public code does)
   2. + AMP (bf16 autocast)
   3. + channels-last
@@ -30,8 +30,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from afd_fast import afd, ops  # noqa: E402
-from afd_fast.data import RandomBatches, build_loaders  # noqa: E402
+from afd_fast import ops  # noqa: E402
+from afd_fast.model import AFDModel  # noqa: E402
+from afd_fast.step import DualStep  # noqa: E402
+from afd_fast.data import build_loaders  # noqa: E402
 from afd_fast.graph import GraphedStep  # noqa: E402
 from afd_fast.models import build_network  # noqa: E402
 from afd_fast.plotting import pyplot  # noqa: E402
@@ -89,17 +91,17 @@ def ladder(cuda: bool) -> list[Variant]:
 def build_step(config: Config, variant: Variant, device: torch.device):
     torch.manual_seed(0)
     networks = [build_network(a, config.num_classes) for a in config.archs]
-    model = afd.AFDModel(networks, variant.method, "pair", config.image_size, fused_losses=variant.fused).to(device)
+    model = AFDModel(networks, variant.method, "pair", config.image_size, fused_losses=variant.fused).to(device)
     model = model.to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
-    step = afd.DualStep(model, lr=0.01, adv_lr=2e-5, amp=variant.amp, fused=variant.fused, capturable=variant.graph,
+    step = DualStep(model, lr=0.01, adv_lr=2e-5, amp=variant.amp, fused=variant.fused, capturable=variant.graph,
                         batched_backward=variant.batched_backward)
     return GraphedStep(step) if variant.graph else step
 
 
 def time_step(config: Config, variant: Variant, device: torch.device, warmup: int, iters: int) -> dict:
     step = build_step(config, variant, device)
-    source = iter(RandomBatches(config.batch_size, config.image_size, config.num_classes, warmup + iters, device,
-                                channels_last=variant.channels_last))
+    source = iter(common.RandomBatches(config.batch_size, config.image_size, config.num_classes, warmup + iters, device,
+                                       channels_last=variant.channels_last))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = common.median_ms(lambda: step(*next(source)), device, warmup, iters)

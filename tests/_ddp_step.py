@@ -5,7 +5,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from afd_fast import afd, train
+from afd_fast import train
+from afd_fast.model import AFDModel
+from afd_fast.step import DualStep
 from afd_fast.models import build_network
 
 
@@ -13,7 +15,7 @@ def make_model():
     # float64: Adam's first steps are about lr * sign(g), so float32 rounding of near-zero gradients
     # (all-reduce order vs a plain mean) would decide the comparison.
     torch.manual_seed(0)
-    return afd.AFDModel([build_network("resnet20", 5) for _ in range(2)], method="afd", topology="pair").double()
+    return AFDModel([build_network("resnet20", 5) for _ in range(2)], method="afd", topology="pair").double()
 
 
 def batches(steps, per_rank, world):
@@ -27,7 +29,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model()
-    step = afd.DualStep(model, adv_lr=1e-3, average_gradients=train.average_across_processes)
+    step = DualStep(model, adv_lr=1e-3, average_gradients=train.average_across_processes)
     for images, target in batches(steps, per_rank, world):
         shard = slice(rank * per_rank, (rank + 1) * per_rank)
         step(images[shard], target[shard])

@@ -1,4 +1,4 @@
-"""The AFD method (afd_fast.afd) and its networks (afd_fast.models)."""
+"""The AFD method (afd_fast.model, afd_fast.step) and its networks (afd_fast.models)."""
 import copy
 
 import pytest
@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from afd_fast import afd, reference
+from afd_fast import reference
+from afd_fast.methods import METHODS, method_spec, peer_of
+from afd_fast.model import AFDModel
+from afd_fast.step import DualStep, gradient_sets
 from afd_fast.models import NETWORKS, build_network
 
 
@@ -83,11 +86,11 @@ def test_dual_step_equals_handwritten_step(names):
     torch.manual_seed(0)
     # float64: Adam's first step is about lr * sign(g), so float32 rounding in near-zero gradients
     # would decide the comparison.
-    model = afd.AFDModel(networks, method="afd", topology="cyclic", image_size=32).double()
+    model = AFDModel(networks, method="afd", topology="cyclic", image_size=32).double()
     twin = copy.deepcopy(model)
     images, target = _batch(6)
     images = images.double()
-    step = afd.DualStep(model, lr=0.1, adv_lr=1e-3)
+    step = DualStep(model, lr=0.1, adv_lr=1e-3)
     step(images, target)
     _handwritten_step(twin, images, target, lr=0.1, adv_lr=1e-3)
     named_twin = dict(twin.named_parameters())
@@ -99,9 +102,9 @@ def test_dual_step_equals_handwritten_step(names):
 
 
 def test_step_moves_every_parameter_group():
-    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair")
+    model = AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair")
     before = copy.deepcopy(model)
-    afd.DualStep(model, adv_lr=1e-3)(*_batch(6))
+    DualStep(model, adv_lr=1e-3)(*_batch(6))
     for group in ("networks", "transfers", "discriminators"):
         params = list(getattr(model, group).parameters())
         old = list(getattr(before, group).parameters())
@@ -111,12 +114,12 @@ def test_step_moves_every_parameter_group():
 
 def test_discriminator_learns_own_is_fake_and_peer_is_real():
     torch.manual_seed(1)
-    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair")
+    model = AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair")
     images, target = _batch(16, seed=3)
     optimizer = torch.optim.Adam(model.discriminator_parameters(), lr=1e-3)
     for _ in range(60):  # networks frozen: only the discriminators learn
         losses = model(images, target)
-        (grads,) = [g for _, g in afd.gradient_sets(model, losses)[2:]]
+        (grads,) = [g for _, g in gradient_sets(model, losses)[2:]]
         for p, g in zip(model.discriminator_parameters(), grads):
             p.grad = g
         optimizer.step()
@@ -137,8 +140,8 @@ def test_discriminator_learns_own_is_fake_and_peer_is_real():
 
 
 def test_cyclic_teachers_for_three_networks():
-    assert [afd.peer_of(k, 3) for k in range(3)] == [2, 0, 1]  # 1->2, 2->3, 3->1 in the paper's numbering
-    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="cyclic")
+    assert [peer_of(k, 3) for k in range(3)] == [2, 0, 1]  # 1->2, 2->3, 3->1 in the paper's numbering
+    model = AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="cyclic")
     expected = torch.zeros(3, 3)
     expected[0, 2] = expected[1, 0] = expected[2, 1] = 1
     assert torch.equal(model.peer_weights, expected)
@@ -149,11 +152,11 @@ def test_cyclic_teachers_for_three_networks():
     for k in range(3):
         d = model.discriminators[k]
         torch.testing.assert_close(losses["d_own"][k], d(model.transfers[k](maps[k])))
-        torch.testing.assert_close(losses["d_peer"][k], d(model.transfers[afd.peer_of(k, 3)](maps[afd.peer_of(k, 3)])))
+        torch.testing.assert_close(losses["d_peer"][k], d(model.transfers[peer_of(k, 3)](maps[peer_of(k, 3)])))
 
 
 def test_transfer_layers_only_where_channels_differ():
-    model = afd.AFDModel([build_network("wrn-16-2", 10), build_network("wrn-16-4", 10)], method="afd", topology="pair")
+    model = AFDModel([build_network("wrn-16-2", 10), build_network("wrn-16-4", 10)], method="afd", topology="pair")
     conv, bn, relu = model.transfers[0]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (128, 256, (1, 1))
     assert isinstance(bn, torch.nn.BatchNorm2d) and isinstance(relu, torch.nn.ReLU)
@@ -161,14 +164,14 @@ def test_transfer_layers_only_where_channels_differ():
     assert all(d.conv1.in_channels == 256 for d in model.discriminators)
 
 
-@pytest.mark.parametrize("method", afd.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_takes_a_step(method):
-    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method=method, topology="pair")
-    losses = afd.DualStep(model, adv_lr=1e-3)(*_batch(4))
+    model = AFDModel([build_network("resnet20", 10) for _ in range(2)], method=method, topology="pair")
+    losses = DualStep(model, adv_lr=1e-3)(*_batch(4))
     assert torch.isfinite(losses["logit"])
-    assert ("generator" in losses) == afd.method_spec(method).adversarial
-    assert ("l1" in losses) == afd.method_spec(method).l1
-    students = losses["kl"][:-1] if afd.method_spec(method).frozen_teacher else losses["kl"]
+    assert ("generator" in losses) == method_spec(method).adversarial
+    assert ("l1" in losses) == method_spec(method).l1
+    students = losses["kl"][:-1] if method_spec(method).frozen_teacher else losses["kl"]
     if method in ("vanilla", "l1", "adv-only"):
         assert torch.all(losses["kl"] == 0)
     else:
@@ -178,17 +181,17 @@ def test_every_method_takes_a_step(method):
 def test_bad_method_and_network_count():
     nets = [build_network("resnet20", 10)]
     with pytest.raises(ValueError, match="unknown method 'afdd'"):
-        afd.AFDModel(nets * 2, method="afdd")
+        AFDModel(nets * 2, method="afdd")
     with pytest.raises(ValueError, match="needs at least 2"):
-        afd.AFDModel(nets, method="afd")
+        AFDModel(nets, method="afd")
     with pytest.raises(ValueError, match="exactly 2 networks"):
-        afd.AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="pair")
-    afd.AFDModel(nets, method="vanilla")  # one network alone is fine without distillation
+        AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="pair")
+    AFDModel(nets, method="vanilla")  # one network alone is fine without distillation
 
 
 def _pair(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair").to(dtype)
+    return AFDModel([build_network("resnet20", 10) for _ in range(2)], method="afd", topology="pair").to(dtype)
 
 
 def _assert_same_parameters(a, b, **tol):
@@ -200,8 +203,8 @@ def test_fused_optimizers_with_device_learning_rates_equal_the_default_ones():
     model = _pair(torch.float64)
     twin = copy.deepcopy(model)
     # rates a float32 device tensor holds exactly
-    fused = afd.DualStep(model, lr=0.125, adv_lr=2 ** -10, fused=True)
-    plain = afd.DualStep(twin, lr=0.125, adv_lr=2 ** -10, fused=False)
+    fused = DualStep(model, lr=0.125, adv_lr=2 ** -10, fused=True)
+    plain = DualStep(twin, lr=0.125, adv_lr=2 ** -10, fused=False)
     assert isinstance(fused.optimizers["logit"].param_groups[0]["lr"], torch.Tensor)
     for seed in range(2):
         images, target = _batch(6, seed=seed)
@@ -211,7 +214,7 @@ def test_fused_optimizers_with_device_learning_rates_equal_the_default_ones():
 
 
 def test_schedules_and_resume_update_device_learning_rates_in_place():
-    step = afd.DualStep(_pair(), lr=0.1, adv_lr=1e-3, fused=True)
+    step = DualStep(_pair(), lr=0.1, adv_lr=1e-3, fused=True)
     rates = {n: o.param_groups[0]["lr"] for n, o in step.optimizers.items()}
     schedules = [torch.optim.lr_scheduler.MultiStepLR(o, [1], 0.1) for o in step.optimizers.values()]
     step(*_batch(4))
@@ -219,7 +222,7 @@ def test_schedules_and_resume_update_device_learning_rates_in_place():
         s.step()
     assert float(rates["logit"]) == pytest.approx(0.01, rel=1e-6) and float(rates["generator"]) == pytest.approx(1e-4, rel=1e-6)
     state = step.state_dict()
-    other = afd.DualStep(_pair(), lr=0.5, adv_lr=0.5, fused=True)
+    other = DualStep(_pair(), lr=0.5, adv_lr=0.5, fused=True)
     kept = {n: o.param_groups[0]["lr"] for n, o in other.optimizers.items()}
     other.load_state_dict(state)
     for name, opt in other.optimizers.items():  # the same tensor objects (a CUDA graph may hold them), new values
@@ -231,14 +234,14 @@ def test_amp_bf16_runs_the_networks_in_bf16():
     model = _pair()
     seen = []
     model.networks[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    afd.DualStep(model, adv_lr=1e-3, amp="bf16")(*_batch(4))
+    DualStep(model, adv_lr=1e-3, amp="bf16")(*_batch(4))
     assert seen == [torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale():
     model = _pair()
-    step = afd.DualStep(model, lr=0.1, adv_lr=1e-3, amp="fp16")
+    step = DualStep(model, lr=0.1, adv_lr=1e-3, amp="fp16")
     assert step.loss_scale is not None and step.optimizers["logit"].defaults["fused"]
     step.loss_scale.scale.fill_(2.0 ** 40)  # the scaled backward overflows float16
     before = copy.deepcopy(model)
@@ -258,9 +261,9 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
 
 def test_fp16_needs_fused_optimizers_and_amp_must_be_known():
     with pytest.raises(ValueError, match="fused=True"):
-        afd.DualStep(_pair(), amp="fp16", fused=False)
+        DualStep(_pair(), amp="fp16", fused=False)
     with pytest.raises(ValueError, match="amp must be one of"):
-        afd.DualStep(_pair(), amp="fp8")
+        DualStep(_pair(), amp="fp8")
 
 
 def test_reference_losses_give_the_fused_step():
@@ -268,44 +271,44 @@ def test_reference_losses_give_the_fused_step():
     twin = copy.deepcopy(model)
     twin.fused_losses = False
     images, target = _batch(6)
-    afd.DualStep(model, adv_lr=1e-3)(images.double(), target)
-    afd.DualStep(twin, adv_lr=1e-3)(images.double(), target)
+    DualStep(model, adv_lr=1e-3)(images.double(), target)
+    DualStep(twin, adv_lr=1e-3)(images.double(), target)
     _assert_same_parameters(model, twin, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("names", [("resnet20", "resnet20"), ("resnet20", "wrn-16-2", "resnet32")])
 def test_batched_dual_backward_gives_the_same_gradient_sets(names):
     torch.manual_seed(0)
-    model = afd.AFDModel([build_network(n, 10) for n in names], method="afd", topology="cyclic").double()
+    model = AFDModel([build_network(n, 10) for n in names], method="afd", topology="cyclic").double()
     images, target = _batch(6)
     torch.manual_seed(1)
-    separate = afd.gradient_sets(model, model(images.double(), target))
-    batched = afd.gradient_sets(model, model(images.double(), target, cut_at_features=True))
+    separate = gradient_sets(model, model(images.double(), target))
+    batched = gradient_sets(model, model(images.double(), target, cut_at_features=True))
     assert [len(p) for p, _ in separate] == [len(p) for p, _ in batched]
     for (params, a), (_, b) in zip(separate, batched):
         for p, ga, gb in zip(params, a, b):
             torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
     twin = copy.deepcopy(model)
-    afd.DualStep(model, adv_lr=1e-3, batched_backward=True)(images.double(), target)
-    afd.DualStep(twin, adv_lr=1e-3)(images.double(), target)
+    DualStep(model, adv_lr=1e-3, batched_backward=True)(images.double(), target)
+    DualStep(twin, adv_lr=1e-3)(images.double(), target)
     _assert_same_parameters(model, twin, rtol=1e-9, atol=1e-11)
 
 
 def test_l1_methods_train_their_transfer_layers():
     torch.manual_seed(0)
-    model = afd.AFDModel([build_network("resnet20", 10), build_network("wrn-16-2", 10)], method="l1", topology="pair")
+    model = AFDModel([build_network("resnet20", 10), build_network("wrn-16-2", 10)], method="l1", topology="pair")
     transfers = [p for p in model.transfers.parameters()]
     assert transfers  # 64 -> 128 channels
     before = [p.detach().clone() for p in transfers]
-    afd.DualStep(model, lr=0.1)(*_batch(4))
+    DualStep(model, lr=0.1)(*_batch(4))
     assert all(not torch.equal(a, p) for a, p in zip(before, transfers))
 
 
 def test_resume_keeps_how_this_run_steps():
-    plain = afd.DualStep(_pair(), lr=0.125, adv_lr=2 ** -10, fused=False)
+    plain = DualStep(_pair(), lr=0.125, adv_lr=2 ** -10, fused=False)
     plain(*_batch(4))
     model = _pair().to(memory_format=torch.channels_last)
-    fused = afd.DualStep(model, lr=0.5, adv_lr=0.5, amp="fp16")
+    fused = DualStep(model, lr=0.5, adv_lr=0.5, amp="fp16")
     fused.load_state_dict(plain.state_dict())
     for opt in fused.optimizers.values():
         group = opt.param_groups[0]

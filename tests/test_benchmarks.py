@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENETTE = os.environ.get("AFD_FAST_IMAGENETTE", os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenette-mini"))
@@ -90,12 +91,12 @@ def test_paper_tables_are_typed_in_consistently():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import paper_tables
 
-    from afd_fast import afd
+    from afd_fast.methods import METHODS
     from afd_fast.models import NETWORKS
 
     by_key = {}
     for row in paper_tables.ROWS:
-        assert row.method in afd.METHODS and all(a in NETWORKS for a in row.archs), row
+        assert row.method in METHODS and all(a in NETWORKS for a in row.archs), row
         assert row.nets == () or len(row.nets) == len(row.archs), row
         by_key.setdefault(row.key, []).append(row)
     for rows in by_key.values():  # a row printed in several tables has the same numbers in each
@@ -106,3 +107,19 @@ def test_paper_tables_are_typed_in_consistently():
     assert (t4.table, t4.nets, t4.ensemble) == (4, (76.23, 78.26), 78.28)
     (t5,) = paper_tables.lookup("one", ("resnet56",) * 3)
     assert (t5.table, t5.mean, t5.ensemble) == (5, 76.49, 77.38)
+
+
+def test_random_batches_are_fixed_device_tensors():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from common import RandomBatches
+
+    source = RandomBatches(5, 24, 7, steps=6, dtype=torch.bfloat16, distinct=2, seed=3)
+    batches = list(source)
+    assert len(source) == 6 == len(batches)
+    images, labels = batches[0]
+    assert images.shape == (5, 3, 24, 24) and images.dtype == torch.bfloat16
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and 0 <= int(labels.min()) and int(labels.max()) < 7
+    assert batches[2][0] is images and not torch.equal(batches[1][0], images)  # reused in turn, no copies
+    again = RandomBatches(5, 24, 7, steps=1, dtype=torch.bfloat16, distinct=2, seed=3)
+    assert torch.equal(next(iter(again))[0], images)

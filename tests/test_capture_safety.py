@@ -69,8 +69,12 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import afd_fast
-from afd_fast import afd, ops, train
+from afd_fast import ops, train
+from afd_fast.methods import METHODS, method_spec
+from afd_fast.model import AFDModel
+from afd_fast.step import DualStep, LossScale
 from afd_fast.graph import GraphedStep
+from afd_fast.schedule import LearningRates, Schedule
 from afd_fast.models.cifar import CifarResNet, WideResNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(afd_fast.__file__)))
@@ -307,7 +311,7 @@ class Case:
 
 AMPS = ("off", "bf16", "fp16")
 # the methods that take any networks (ONE shares layers: identical networks, tests/test_paper_baselines.py)
-ANY_NETWORKS = [m for m in afd.METHODS if not afd.method_spec(m).shared_low_layers]
+ANY_NETWORKS = [m for m in METHODS if not method_spec(m).shared_low_layers]
 CASES = (
     [Case(method=m, amp=a) for m in ANY_NETWORKS for a in AMPS]  # pair, channels differ
     + [Case(method=m, amp=a, batched=True) for m in ("afd", "adv-only") for a in AMPS]
@@ -321,12 +325,12 @@ CASES = (
 )
 
 
-def build_step(case: Case, seed: int = 0, network=None, cls=afd.DualStep, fused_losses=True):
+def build_step(case: Case, seed: int = 0, network=None, cls=DualStep, fused_losses=True):
     """The DualStep as afd_fast.train builds it for a CUDA-graph run, on the CPU (``network``,
     ``cls``, ``fused_losses``: the deliberate hazards of the tests that the checker must catch)."""
     torch.manual_seed(seed)
     networks = [(network or NETWORKS[a])() if i == 0 else NETWORKS[a]() for i, a in enumerate(case.archs)]
-    model = afd.AFDModel(networks, case.method, case.topology, SIZE, 3.0, fused_losses=fused_losses).to("cpu")
+    model = AFDModel(networks, case.method, case.topology, SIZE, 3.0, fused_losses=fused_losses).to("cpu")
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     step = cls(model, lr=0.05, weight_decay=1e-4, adv_lr=1e-3,
@@ -345,7 +349,7 @@ def batches(n, seed=1):
             for _ in range(n)]
 
 
-def persistent_state(step: afd.DualStep, images, target) -> dict:
+def persistent_state(step: DualStep, images, target) -> dict:
     """Everything a captured step reads or writes that lives across steps -> (tensor object, storage)."""
     state = {"input:images": images, "input:target": target}
     state.update({f"param:{n}": p for n, p in step.model.named_parameters()})
@@ -480,39 +484,45 @@ def test_without_warm_up_the_captured_call_would_create_state():
 
 # --- 2: schedules change learning rates in place ------------------------------------------------------
 
-def _schedules(step):
-    """The trainer's schedules: MultiStepLR(0.1) over each optimizer's device learning rate."""
-    recipe = train.RECIPES["quick"]
-    return {name: torch.optim.lr_scheduler.MultiStepLR(
-                opt, list(recipe["adv_milestones"] if name != "logit" else recipe["milestones"]), 0.1)
-            for name, opt in step.optimizers.items()}
+SCHEDULES = {  # each optimizer's schedule; 10 steps per epoch
+    "step": Schedule(0.05, "step", milestones=(3,), epochs=4),
+    "cosine": Schedule(0.05, "cosine", epochs=4),
+    "warmup": Schedule(0.05, "cosine", warmup_epochs=1, epochs=4),
+}
 
 
-def test_schedules_change_learning_rates_in_place():
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_schedules_change_learning_rates_in_place(kind):
+    """The trainer's LearningRates before every step, as afd_fast.train applies them: the rates of a
+    fused step live in device tensors, filled in place, so a replay of the captured step reads the
+    new values and the captured work is the same whatever the rate."""
     step, images, target = build_step(Case(amp="fp16"))
-    schedules = _schedules(step)
-    epochs = max(max(train.RECIPES["quick"]["milestones"]), max(train.RECIPES["quick"]["adv_milestones"]))
-    rates = {}
+    rates = LearningRates(step.optimizers, {name: SCHEDULES[kind] for name in step.optimizers}, steps_per_epoch=10)
+    tensors = {name: opt.param_groups[0]["lr"] for name, opt in step.optimizers.items()}
+    ptrs = {name: t.data_ptr() for name, t in tensors.items()}
+    seen = []
 
     def between(n):
-        if n == 1:  # the schedules reach their milestones between the captured step and a replay
-            rates.update({name: (opt.param_groups[0]["lr"], opt.param_groups[0]["lr"].data_ptr(),
-                                 float(opt.param_groups[0]["lr"])) for name, opt in step.optimizers.items()})
-            for _ in range(epochs):
-                for s in schedules.values():
-                    s.step()
+        # the global step each checked call stands for: "step" crosses its milestone (epoch 3 = step 30)
+        # between the captured call and the first replay; warm-up and cosine change the rate every step
+        applied = rates.apply(29 + n if kind == "step" else n)
+        seen.append({name: float(t) for name, t in tensors.items()})
+        for name in tensors:
+            assert seen[-1][name] == pytest.approx(applied[name], rel=1e-6), name
 
     checker = CaptureChecker()
     run_checked(step, images, target, checker, between)
-    checker.assert_replayable()  # the same ops and Python numbers before and after the schedule step
+    checker.assert_replayable()  # the same ops and Python numbers before and after each rate change
     for name, opt in step.optimizers.items():
-        rate, ptr, old = rates[name]
-        assert opt.param_groups[0]["lr"] is rate and rate.data_ptr() == ptr, name
-        assert float(rate) == pytest.approx(old * 0.1, rel=1e-6), name
+        rate = opt.param_groups[0]["lr"]
+        assert rate is tensors[name] and rate.data_ptr() == ptrs[name], name
+        values = [r[name] for r in seen]
+        assert all(a != b for a, b in zip(values, values[1:])) if kind != "step" else values[1] == pytest.approx(
+            values[0] * 0.1, rel=1e-6), (name, values)
         # each optimizer kernel takes the rate's storage as an argument: a replay reads the new value
         for trace in checker.traces:
             kernels = [op for op in trace if op.name.startswith(("aten._fused_sgd_", "aten._fused_adam_"))
-                       and any(a[0] == "tensor" and a[5] == ptr for a in op.args[1:])]
+                       and any(a[0] == "tensor" and a[5] == ptrs[name] for a in op.args[1:])]
             assert kernels, f"no optimizer kernel reads the {name} learning rate from its tensor"
 
 
@@ -529,7 +539,7 @@ def test_a_rate_replaced_by_a_python_number_is_caught():
         checker.assert_replayable()
     message = str(error.value)
     assert "aten._fused_sgd_.tensor_lr" in message and "aten._fused_sgd_.default" in message, message
-    assert "afd_fast/afd.py" in message and "optimizer.step()" in message, message
+    assert "afd_fast/step.py" in message and "optimizer.step()" in message, message
 
 
 # --- 5: the checker fails on what a CUDA graph cannot hold --------------------------------------------
@@ -551,7 +561,7 @@ def _caught(step, images, target, warmup: int = WARMUP) -> str:
     return str(error.value)
 
 
-class ItemStep(afd.DualStep):
+class ItemStep(DualStep):
     def __call__(self, images, target):
         losses = super().__call__(images, target)
         self.last_loss = losses["logit"].item()  # hazard:item
@@ -603,7 +613,7 @@ def test_a_host_sync_in_the_forward_is_caught(kind):
     hazard, op = HAZARDS[kind]
     message = _caught(*build_step(Case(), network=lambda: HazardNet(hazard)))
     assert op in message and _line(f"hazard:{kind}") in message, message
-    assert "afd_fast/afd.py" in message  # and the step's call chain down to it
+    assert "afd_fast/step.py" in message  # and the step's call chain down to it
 
 
 def test_the_plain_pytorch_losses_are_caught():
@@ -639,7 +649,7 @@ def test_a_python_number_that_changes_each_step_is_caught(monkeypatch, kind):
         assert "different Python numbers" in message
 
 
-class RecreatingLossScale(afd.LossScale):
+class RecreatingLossScale(LossScale):
     def update(self, found_infs):
         super().update(found_infs)
         self.scale = self.scale.clone()  # hazard:recreated
@@ -649,7 +659,7 @@ def test_state_recreated_each_step_is_caught():
     step, images, target = build_step(Case(amp="fp16"))
     step.loss_scale = RecreatingLossScale(step.device)
     message = _caught(step, images, target)
-    assert "previous step created" in message and "afd_fast/afd.py" in message, message
+    assert "previous step created" in message and "afd_fast/step.py" in message, message
 
 
 # --- 4: the CUDA kernels, read -----------------------------------------------------------------------

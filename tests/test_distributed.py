@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from afd_fast import afd
+from afd_fast.step import DualStep, gradient_sets
 from afd_fast.data import synthetic_image_folder
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,11 +33,11 @@ def test_two_processes_equal_one_process_averaging_shard_gradients(tmp_path):
     # One process: each shard's three gradient sets separately (batch norm per shard, as in DDP),
     # averaged, then the same optimizer steps.
     model = make_model()
-    step = afd.DualStep(model, adv_lr=1e-3)
+    step = DualStep(model, adv_lr=1e-3)
     for images, target in batches(3, 4, 2):
         sets = []
         for r in range(2):
-            sets.append(afd.gradient_sets(model, model(images[r * 4:(r + 1) * 4], target[r * 4:(r + 1) * 4])))
+            sets.append(gradient_sets(model, model(images[r * 4:(r + 1) * 4], target[r * 4:(r + 1) * 4])))
         for (params, g0), (_, g1), optimizer in zip(sets[0], sets[1], step.optimizers.values()):
             for p, a, b in zip(params, g0, g1):
                 p.grad = (a + b) / 2

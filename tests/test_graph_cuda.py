@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from afd_fast import afd, train
+from afd_fast import train
+from afd_fast.model import AFDModel
+from afd_fast.step import DualStep
 from afd_fast.graph import GraphedStep
 from afd_fast.models import build_network
 
@@ -26,7 +28,7 @@ def _deterministic():
 
 def _pair(arch="resnet20", channels_last=True):
     torch.manual_seed(0)
-    model = afd.AFDModel([build_network(arch, 10) for _ in range(2)], method="afd", topology="pair").cuda()
+    model = AFDModel([build_network(arch, 10) for _ in range(2)], method="afd", topology="pair").cuda()
     return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -43,8 +45,8 @@ TOLERANCE = {"off": dict(rtol=1e-5, atol=1e-6), "bf16": dict(rtol=2e-3, atol=2e-
 def test_graph_replay_trains_as_the_eager_step(amp):
     model = _pair()
     twin = copy.deepcopy(model)
-    graphed = GraphedStep(afd.DualStep(model, lr=0.05, adv_lr=1e-3, amp=amp, capturable=True), warmup=2)
-    eager = afd.DualStep(twin, lr=0.05, adv_lr=1e-3, amp=amp)
+    graphed = GraphedStep(DualStep(model, lr=0.05, adv_lr=1e-3, amp=amp, capturable=True), warmup=2)
+    eager = DualStep(twin, lr=0.05, adv_lr=1e-3, amp=amp)
     for images, target in _batches(8):
         out_g = {k: v.clone() for k, v in graphed(images, target).items()}
         out_e = eager(images, target)
@@ -61,8 +63,8 @@ def test_graph_replay_trains_as_the_eager_step(amp):
 def test_schedules_reach_the_captured_graph():
     model = _pair()
     twin = copy.deepcopy(model)
-    step = afd.DualStep(model, lr=0.05, adv_lr=1e-3, capturable=True)
-    graphed, eager = GraphedStep(step, warmup=1), afd.DualStep(twin, lr=0.05, adv_lr=1e-3)
+    step = DualStep(model, lr=0.05, adv_lr=1e-3, capturable=True)
+    graphed, eager = GraphedStep(step, warmup=1), DualStep(twin, lr=0.05, adv_lr=1e-3)
     schedules = [torch.optim.lr_scheduler.MultiStepLR(o, [1], 0.1) for s in (step, eager) for o in s.optimizers.values()]
     for n, (images, target) in enumerate(_batches(5)):
         graphed(images, target)
@@ -76,7 +78,7 @@ def test_schedules_reach_the_captured_graph():
 
 def test_fp16_overflow_is_skipped_inside_the_graph():
     model = _pair()
-    step = afd.DualStep(model, lr=0.05, adv_lr=1e-3, amp="fp16", capturable=True)
+    step = DualStep(model, lr=0.05, adv_lr=1e-3, amp="fp16", capturable=True)
     graphed = GraphedStep(step, warmup=1)
     batches = _batches(3)
     graphed(*batches[0])
@@ -91,7 +93,7 @@ def test_fp16_overflow_is_skipped_inside_the_graph():
 
 
 def test_new_batch_shape_recaptures():
-    graphed = GraphedStep(afd.DualStep(_pair(), adv_lr=1e-3, capturable=True), warmup=1)
+    graphed = GraphedStep(DualStep(_pair(), adv_lr=1e-3, capturable=True), warmup=1)
     for images, target in _batches(2) + _batches(2, batch=8) + _batches(2):
         graphed(images, target)
     assert graphed.captures == 3
@@ -100,10 +102,11 @@ def test_new_batch_shape_recaptures():
 FALLBACK = """
 import torch
 from test_graph_cuda import _batches, _pair
-from afd_fast import afd
+from afd_fast.model import AFDModel
+from afd_fast.step import DualStep
 from afd_fast.graph import GraphedStep
 
-step = afd.DualStep(_pair(), adv_lr=1e-3, capturable=True)
+step = DualStep(_pair(), adv_lr=1e-3, capturable=True)
 
 def syncing_step(images, target):
     losses = step(images, target)
@@ -115,7 +118,7 @@ for images, target in _batches(3):
     assert torch.isfinite(graphed(images, target)["logit"])
 assert graphed.disabled
 # the process stays usable: a new graph captures and replays
-other = GraphedStep(afd.DualStep(_pair(), adv_lr=1e-3, capturable=True), warmup=1)
+other = GraphedStep(DualStep(_pair(), adv_lr=1e-3, capturable=True), warmup=1)
 for images, target in _batches(3):
     other(images, target)
 torch.cuda.synchronize()
@@ -149,10 +152,10 @@ def test_trainer_with_every_speed_flag(tmp_path, amp, capfd):
 
 
 def test_resume_from_an_eager_checkpoint_into_a_graphed_run():
-    plain = afd.DualStep(_pair(channels_last=False), adv_lr=1e-3, fused=False)  # CPU-style state: step on the host
+    plain = DualStep(_pair(channels_last=False), adv_lr=1e-3, fused=False)  # CPU-style state: step on the host
     images, target = _batches(1)[0]
     plain(images.contiguous(), target)
-    step = afd.DualStep(_pair(), adv_lr=1e-3, amp="fp16", capturable=True)
+    step = DualStep(_pair(), adv_lr=1e-3, amp="fp16", capturable=True)
     step.load_state_dict(plain.state_dict())
     adam = step.optimizers["generator"]
     first = adam.param_groups[0]["params"][0]

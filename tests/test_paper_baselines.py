@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from afd_fast import afd, train
+from afd_fast import train
+from afd_fast.model import AFDModel
+from afd_fast.step import DualStep, gradient_sets
 from afd_fast.models import build_network
 from afd_fast.models.cifar import CifarResNet
 
@@ -50,9 +52,9 @@ def _handwritten_dml_step(nets, optimizers, images, target, temperature):
 def test_dml_step_equals_handwritten_sequential_dml(k):
     nets = [n.double() for n in _nets(k)]
     twins = copy.deepcopy(nets)
-    model = afd.AFDModel(nets, method="dml", topology="cyclic", image_size=16)
+    model = AFDModel(nets, method="dml", topology="cyclic", image_size=16)
     assert model.temperature == 1.0  # the DML paper's plain softmaxes
-    step = afd.DualStep(model, lr=0.1, weight_decay=1e-4)
+    step = DualStep(model, lr=0.1, weight_decay=1e-4)
     optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for n in twins]
     for seed in range(2):  # the second step goes through the momentum buffers
         images, target = _batch(seed=seed)
@@ -66,11 +68,11 @@ def test_dml_step_equals_handwritten_sequential_dml(k):
 
 def test_dml_is_not_the_synchronous_kd_only_step():
     nets = [n.double() for n in _nets(2)]
-    dml = afd.AFDModel(nets, method="dml", temperature=3.0)
-    sync = afd.AFDModel(copy.deepcopy(nets), method="kd-only", topology="pair", temperature=3.0)
+    dml = AFDModel(nets, method="dml", temperature=3.0)
+    sync = AFDModel(copy.deepcopy(nets), method="kd-only", topology="pair", temperature=3.0)
     images, target = _batch()
-    afd.DualStep(dml, lr=0.1)(images.double(), target)
-    afd.DualStep(sync, lr=0.1)(images.double(), target)
+    DualStep(dml, lr=0.1)(images.double(), target)
+    DualStep(sync, lr=0.1)(images.double(), target)
     first = [torch.equal(a, b) for a, b in zip(dml.networks[0].parameters(), sync.networks[0].parameters())]
     second = [torch.equal(a, b) for a, b in zip(dml.networks[1].parameters(), sync.networks[1].parameters())]
     assert all(first)  # network 1 steps first in both, towards the same prediction
@@ -86,7 +88,7 @@ def test_dml_temperature_defaults_to_one_and_the_flag_overrides_it():
 # --- ONE --------------------------------------------------------------------------------------------
 
 def _one(k=2, seed=0):
-    return afd.AFDModel(_nets(k, seed), method="one", image_size=16).double()
+    return AFDModel(_nets(k, seed), method="one", image_size=16).double()
 
 
 def test_one_branches_share_the_low_layers_and_export_whole_networks():
@@ -126,7 +128,7 @@ def test_one_loss_and_the_detached_teacher():
     images, target = _batch()
     x, t = images.double(), target
     params = model.logit_parameters()
-    (got,) = [g for _, g in afd.gradient_sets(model, model(x, t))]
+    (got,) = [g for _, g in gradient_sets(model, model(x, t))]
 
     shared = model.networks[0].low_level(x)
     z = [n.head(n.high_level(shared)) for n in model.networks]
@@ -149,9 +151,9 @@ def test_one_loss_and_the_detached_teacher():
 
 def test_one_needs_one_cifar_architecture_k_times(capsys):
     with pytest.raises(ValueError, match="same network K times"):
-        afd.AFDModel([build_network("resnet20", 10), build_network("resnet32", 10)], method="one")
+        AFDModel([build_network("resnet20", 10), build_network("resnet32", 10)], method="one")
     with pytest.raises(ValueError, match="no such split"):
-        afd.AFDModel([build_network("resnet18", 10) for _ in range(2)], method="one")
+        AFDModel([build_network("resnet18", 10) for _ in range(2)], method="one")
     for archs in ("resnet20,resnet32", "resnet18,resnet18"):
         with pytest.raises(SystemExit):
             train.parse_args(["--method", "one", "--arch", archs, "--device", "cpu"])
@@ -178,7 +180,7 @@ def test_one_step_is_capturable():
 def test_offline_teacher_stays_frozen_and_only_the_student_learns():
     torch.manual_seed(0)
     student, teacher = build_network("wrn-16-2", 10), build_network("resnet20", 10)  # 128 -> 64 channels
-    model = afd.AFDModel([student, teacher], method="l1kd-offline", image_size=16)
+    model = AFDModel([student, teacher], method="l1kd-offline", image_size=16)
     frozen = copy.deepcopy(teacher.state_dict())
     conv = model.transfers[0][0]
     assert (conv.in_channels, conv.out_channels) == (128, 64)  # the student's map into the teacher's space
@@ -186,7 +188,7 @@ def test_offline_teacher_stays_frozen_and_only_the_student_learns():
     trained = {id(p) for p in model.logit_parameters()}
     assert not any(id(p) in trained for p in teacher.parameters())
     student_before = copy.deepcopy(student.state_dict())
-    step = afd.DualStep(model, lr=0.1)
+    step = DualStep(model, lr=0.1)
     for seed in range(2):
         model.train()
         assert not teacher.training and student.training
@@ -208,21 +210,36 @@ def test_offline_needs_the_teacher_weights(capsys):
 def test_cifar_recipe_is_the_papers_text():
     """§4: 300 epochs, batch 128; SGD lr 0.1 x0.1 at 150 and 225, momentum 0.9, weight decay 1e-4;
     Adam lr 2e-5 x0.1 at 75 and 150, weight decay 1e-1; T = 3."""
-    args = train.parse_args(["--recipe", "cifar-paper", "--device", "cpu"])
-    assert (args.epochs, args.global_batch, args.temperature, args.image_size) == (300, 128, 3.0, 32)
-    _, step, _, schedules = train.build_training(args, 100, 1, torch.device("cpu"))
+    config = train.parse_args(["--recipe", "cifar-paper", "--device", "cpu"])
+    assert (config.epochs, config.batch_size, config.temperature, config.image_size) == (300, 128, 3.0, 32)
+    _, step, _, rates = train.build_training(config, 100, 1, torch.device("cpu"), steps_per_epoch=391)
     sgd = step.optimizers["logit"].param_groups[0]
-    assert (float(sgd["lr"]), sgd["momentum"], sgd["weight_decay"]) == (0.1, 0.9, 1e-4)
-    assert dict(schedules["logit"].milestones) == {150: 1, 225: 1} and schedules["logit"].gamma == 0.1
+    assert (float(sgd["lr"]), sgd["momentum"], sgd["nesterov"], sgd["weight_decay"]) == (0.1, 0.9, False, 1e-4)
+    assert (rates.schedules["logit"].milestones, rates.schedules["logit"].decay) == ((150, 225), 0.1)
     for name in ("generator", "discriminator"):
         adam = step.optimizers[name].param_groups[0]
         assert (float(adam["lr"]), adam["weight_decay"]) == (pytest.approx(2e-5), 0.1), name
-        assert dict(schedules[name].milestones) == {75: 1, 150: 1} and schedules[name].gamma == 0.1
+        assert (rates.schedules[name].milestones, rates.schedules[name].decay) == ((75, 150), 0.1)
+    # the rates the optimizers get: the step schedule of the text, epoch by epoch
+    for epoch, sgd_rate, adam_rate in ((0, 0.1, 2e-5), (74, 0.1, 2e-5), (75, 0.1, 2e-6), (149, 0.1, 2e-6),
+                                       (150, 0.01, 2e-7), (225, 0.001, 2e-7), (299, 0.001, 2e-7)):
+        applied = rates.apply(epoch * 391)
+        assert (applied["logit"], applied["generator"]) == (pytest.approx(sgd_rate), pytest.approx(adam_rate)), epoch
 
 
 def test_imagenet_recipe_trains_the_papers_30_epochs():
-    args = train.parse_args(["--recipe", "imagenet-paper", "--arch", "resnet18,resnet34", "--device", "cpu"])
-    assert (args.epochs, args.image_size, args.adv_lr) == (30, 224, 2e-5)
+    config = train.parse_args(["--recipe", "imagenet-paper", "--arch", "resnet18,resnet34", "--device", "cpu"])
+    assert (config.epochs, config.image_size, config.adv_lr) == (30, 224, 2e-5)
+
+
+def test_imagenet_scratch_recipe_is_torchvisions_resnet_reference():
+    """torchvision's ResNet reference: 90 epochs, SGD 0.1 per 256 images, x0.1 at 30 and 60, momentum 0.9,
+    weight decay 1e-4, 224 px; the adversarial side as the paper."""
+    config = train.parse_args(["--recipe", "imagenet-scratch", "--arch", "resnet18,resnet34", "--device", "cpu",
+                               "--batch-size", "1024"])
+    assert (config.epochs, config.image_size, config.milestones, config.lr_decay) == (90, 224, (30, 60), 0.1)
+    assert (config.momentum, config.weight_decay, config.effective_lr) == (0.9, 1e-4, pytest.approx(0.4))
+    assert (config.adv_lr, config.adv_weight_decay) == (2e-5, 0.1)
 
 
 @pytest.mark.parametrize("arch,millions", [("wrn-16-2", 0.70), ("wrn-28-4", 5.87)])
@@ -236,8 +253,8 @@ def test_parameter_counts_the_paper_quotes(arch, millions):
 
 def test_batch_size_is_the_global_batch(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = train.parse_args(["--batch-size", "32", "--device", "cpu"])
-    assert (args.global_batch, args.batch_size) == (32, 16)
+    config = train.parse_args(["--batch-size", "32", "--device", "cpu"])
+    assert (config.batch_size, config.batch_per_process) == (32, 16)
     with pytest.raises(SystemExit):
         train.parse_args(["--batch-size", "31", "--device", "cpu"])
     assert "must split evenly over the 2 processes" in capsys.readouterr().err
@@ -245,9 +262,9 @@ def test_batch_size_is_the_global_batch(monkeypatch, capsys):
 
 def test_learning_rate_scales_only_when_asked():
     common = ["--recipe", "cifar-paper", "--batch-size", "256", "--device", "cpu"]
-    assert train.parse_args(common).lr == 0.1  # the recipe's rate, whatever the batch
+    assert train.parse_args(common).effective_lr == 0.1  # the recipe's rate, whatever the batch
     scaled = train.parse_args(common + ["--lr-scaling", "linear"])
-    assert scaled.lr == pytest.approx(0.2) and scaled.adv_lr == 2e-5
+    assert scaled.effective_lr == pytest.approx(0.2) and scaled.adv_lr == 2e-5
 
 
 # --- on a GPU: the baselines in one CUDA graph --------------------------------------------------------
@@ -262,11 +279,11 @@ def test_graph_replay_of_the_baselines_trains_as_the_eager_step(method, monkeypa
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     torch.manual_seed(0)
-    model = afd.AFDModel([build_network("resnet20", 10) for _ in range(2)], method=method, topology="pair").cuda()
+    model = AFDModel([build_network("resnet20", 10) for _ in range(2)], method=method, topology="pair").cuda()
     model = model.to(memory_format=torch.channels_last)
     twin = copy.deepcopy(model)
-    graphed = GraphedStep(afd.DualStep(model, lr=0.05, capturable=True), warmup=2)
-    eager = afd.DualStep(twin, lr=0.05)
+    graphed = GraphedStep(DualStep(model, lr=0.05, capturable=True), warmup=2)
+    eager = DualStep(twin, lr=0.05)
     g = torch.Generator(device="cuda").manual_seed(0)
     for _ in range(6):
         images = torch.randn(16, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)

@@ -43,3 +43,16 @@ class SplitNetwork(nn.Module):
 
     def load_plain_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state)
+
+
+def probe_shape(stage, network: nn.Module, image_size: int) -> tuple[int, ...]:
+    """Shape (without the batch) of what ``stage`` (e.g. ``network.features``) returns for one square
+    image of ``image_size``: a forward of one zero image, in eval mode, without gradients."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            probe = next(network.parameters()).new_zeros(1, 3, image_size, image_size)
+            return tuple(stage(probe).shape[1:])
+    finally:
+        network.train(was_training)

@@ -5,7 +5,7 @@ K branches on shared low layers: every network keeps its own last stage and head
 uses the low layers of network 0, so each network is still a whole classifier (``net(x)``, its
 ``plain_state_dict``) and the K networks together hold ONE's multi-branch model once. The gate reads
 the shared map and weights the branches' logits into the gated ensemble, the teacher of every branch
-(see ``afd_fast.afd``: its loss is CE of every branch and of the ensemble, plus T² KL from the
+(see ``afd_fast.model``: its loss is CE of every branch and of the ensemble, plus T² KL from the
 detached ensemble to each branch, T = 3 as in ONE's code).
 """
 from __future__ import annotations
@@ -50,13 +50,3 @@ class Gate(nn.Module):
 def gated_ensemble(gate: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Σ_k g_k z_k: ``gate`` [B, K], ``logits`` [K, B, C] -> [B, C]."""
     return (gate.t().unsqueeze(-1) * logits).sum(0)
-
-
-def low_level_channels(network: SplitNetwork, image_size: int) -> int:
-    was_training = network.training
-    network.eval()
-    with torch.no_grad():
-        probe = next(network.parameters()).new_zeros(1, 3, image_size, image_size)
-        channels = network.low_level(probe).shape[1]
-    network.train(was_training)
-    return channels

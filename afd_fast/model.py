@@ -1,0 +1,220 @@
+"""Online adversarial feature-map distillation (docs/design.md §1), readable next to the paper.
+
+K networks (G_k + head) train together on one mini-batch:
+
+* logit loss, per network:  CE(y, z_k) + T² Σ_j W[k, j] KL(p_j^T || p_k^T)  (afd_fast.ops)
+* discriminator D_k (Conv-BN-LeakyReLU-Conv, sigmoid inside the loss) calls its own network's
+  (transferred) map fake and the map of the peer p(k) that k learns from real:
+      L_D_k = [1 - D_k(T_p(f_p).detach())]² + [D_k(T_k(f_k).detach())]²
+      L_G_k = [1 - D_k(T_k(f_k))]²
+
+:class:`AFDModel` holds the networks, transfer layers and discriminators and computes these losses
+from one forward; :mod:`afd_fast.step` takes the gradient sets and steps the optimizers. The
+baselines of the paper's tables (:mod:`afd_fast.methods`) run through the same model: ONE
+(branches on shared low layers, gated-ensemble teacher, :mod:`afd_fast.models.one`), online KD
+(mean-ensemble teacher), L1 / L1+KD feature alignment online and offline (a frozen pre-trained
+teacher), the ablations without KD or without the adversarial term, and DML (whose step differs:
+:class:`afd_fast.step.DualStep`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afd_fast import ops, reference
+from afd_fast.methods import method_spec, peer_of
+from afd_fast.models import SplitNetwork
+from afd_fast.models.base import probe_shape
+from afd_fast.models.one import Gate, gated_ensemble, share_low_layers
+
+class Discriminator(nn.Module):
+    """Conv-BN-LeakyReLU-Conv: one score (before the sigmoid) per sample for a C x H x W map.
+    The first conv halves channels and space, the last one covers the remaining spatial map."""
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        hidden = max(channels // 2, 1)
+        self.conv1 = nn.Conv2d(channels, hidden, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, 1, ((height + 1) // 2, (width + 1) // 2))
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.bn(self.conv1(feature_map)), 0.2)
+        return self.conv2(x).flatten()
+
+
+def transfer_layer(cin: int, cout: int) -> nn.Module:
+    """Conv1x1-BN-ReLU to the common channel count; identity where the count already matches."""
+    if cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=False))
+
+
+class AFDModel(nn.Module):
+    """The K networks with their transfer layers and discriminators (ONE: its gate), and the
+    method's losses. ``temperature``: None for the method's default (:class:`MethodSpec`)."""
+
+    def __init__(self, networks: list[SplitNetwork], method: str = "afd", topology: str = "cyclic",
+                 image_size: int = 32, temperature: float | None = None, fused_losses: bool = True,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.spec = spec = method_spec(method)
+        self.method = method
+        # the fused ops, or their plain-PyTorch reference (the benchmarks' "what public code does")
+        self.fused_losses = fused_losses
+        k = len(networks)
+        if k < 2 and method != "vanilla":
+            raise ValueError(f"method {method!r} distils between networks: it needs at least 2, got {k}")
+        if spec.shared_low_layers:
+            share_low_layers(networks)
+        self.networks = nn.ModuleList(networks)
+        self.temperature = spec.temperature if temperature is None else temperature
+        self.label_smoothing = label_smoothing  # of the cross-entropy terms (the fused op's)
+        weights = {"topology": topology, "dml": "dml", "ensemble": "ensemble", "gated": "ensemble"}.get(spec.weights)
+        if weights == "pair" and k != 2:
+            raise ValueError(f"topology 'pair' is for exactly 2 networks, got {k}; use 'cyclic'")
+        if spec.weights == "teacher":  # networks 0..K-2 learn from the last one; the teacher from none
+            w = torch.zeros(k, k)
+            w[:-1, -1] = 1.0
+        else:
+            w = ops.peer_weights("cyclic" if weights == "pair" else weights, k) if weights else torch.zeros(k, k)
+        self.register_buffer("peer_weights", w, persistent=False)
+        if spec.sequential:  # one network at a time: row 0 the student, rows 1..K-1 its peers, 1/(K-1) each
+            row = torch.full((1, k), 1 / (k - 1))
+            row[0, 0] = 0.0
+            self.register_buffer("sequential_weights", row, persistent=False)
+        # whose feature map network i's L1 / adversarial loss reads: the frozen teacher, or its peer
+        self.teachers = [k - 1 if spec.frozen_teacher else peer_of(i, k) for i in range(k)]
+
+        self.transfers = nn.ModuleList()
+        self.discriminators = nn.ModuleList()
+        if spec.adversarial or spec.l1:
+            shapes = [probe_shape(n.features, n, image_size) for n in networks]
+            if len({s[1:] for s in shapes}) > 1:
+                raise ValueError(f"feature maps of the networks differ in spatial size: {shapes}")
+            # online: every map to the largest channel count; offline: the students' maps to the teacher's
+            common = shapes[-1][0] if spec.frozen_teacher else max(s[0] for s in shapes)
+            self.transfers.extend(transfer_layer(s[0], common) for s in shapes)
+            if spec.adversarial:
+                self.discriminators.extend(Discriminator(common, *shapes[0][1:]) for _ in networks)
+        self.gate = Gate(probe_shape(networks[0].low_level, networks[0], image_size)[0], k) if spec.weights == "gated" else None
+        if spec.frozen_teacher:
+            self.networks[-1].requires_grad_(False)
+            self.networks[-1].eval()
+
+    @property
+    def losses(self):
+        """The loss functions of the model and its step: :mod:`afd_fast.ops` or :mod:`afd_fast.reference`."""
+        return ops if self.fused_losses else reference
+
+    def train(self, mode: bool = True) -> "AFDModel":
+        super().train(mode)
+        if self.spec.frozen_teacher:  # the pre-trained teacher normalises with its own statistics, always
+            self.networks[-1].eval()
+        return self
+
+    # --- parameter groups of the three gradient sets ---------------------------------------------
+    def trained_networks(self) -> list[SplitNetwork]:
+        """The networks that learn (all but a frozen teacher)."""
+        return list(self.networks[:-1]) if self.spec.frozen_teacher else list(self.networks)
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the trained networks, each once (ONE's branches share their low layers)."""
+        return _unique(p for n in self.trained_networks() for p in n.parameters())
+
+    def logit_parameters(self) -> list[nn.Parameter]:
+        """What the logit loss trains: the networks, ONE's gate, and the transfer layers when it holds
+        the L1 feature-map term (with the adversarial methods L_G trains them)."""
+        extra = list(self.transfers.parameters()) if self.spec.l1 and not self.spec.adversarial else []
+        gate = list(self.gate.parameters()) if self.gate is not None else []
+        return self.network_parameters() + extra + gate
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """G_k and T_k: what L_G trains (the heads play no part in it)."""
+        return _unique([p for n in self.networks for p in n.extractor_parameters()] + list(self.transfers.parameters()))
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return list(self.discriminators.parameters())
+
+    # --- the losses of one forward ---------------------------------------------------------------
+    def forward(self, images: torch.Tensor, target: torch.Tensor, cut_at_features: bool = False
+                ) -> dict[str, torch.Tensor]:
+        """One forward of every network; returns the summed losses of the three gradient sets
+        (``logit``, ``generator``, ``discriminator``) and per-network parts for logging.
+
+        ``cut_at_features``: the heads, transfer layers and discriminators read detached copies of
+        the feature maps (returned as ``cut``, the attached maps as ``features``), so that the
+        gradient sets can be taken down to the maps first and then through the extractors in one
+        batched backward (see :func:`gradient_sets`)."""
+        losses = self.losses
+        spec, k = self.spec, len(self.networks)
+        shared = self.networks[0].low_level(images) if spec.shared_low_layers else None
+        features = [self._features(i, images, shared) for i in range(k)]
+        maps = [f.detach().requires_grad_() for f in features] if cut_at_features else features
+        logits = [n.head(m) for n, m in zip(self.networks, maps)]
+        z = torch.stack(logits)
+        out = {}
+        if spec.weights == "ensemble":  # the teacher row: mean logits of the K networks
+            z = torch.cat([z, z.detach().mean(0, keepdim=True)])
+        elif spec.weights == "gated":  # the teacher row: ONE's gated ensemble (the op detaches it)
+            ensemble = gated_ensemble(self.gate(shared), z)
+            z = torch.cat([z, ensemble.to(z.dtype)[None]])
+            ensemble_ce = F.cross_entropy(ensemble, target)  # trains the gate (and the branches)
+            out["ensemble_ce"] = ensemble_ce.detach()
+        loss, ce, kl = losses.mutual_distillation_loss(
+            z, target, self.peer_weights, self.temperature, kd_weight=1.0 if spec.kd else 0.0,
+            label_smoothing=self.label_smoothing)
+        out.update(ce=ce, kl=kl)
+        if cut_at_features:
+            out.update(features=features, cut=maps)
+        # a frozen teacher's row holds its CE (logged), a constant: only the trained networks' losses count
+        logit_loss = loss[:-1].sum() if spec.frozen_teacher else loss.sum()
+        if spec.weights == "gated":
+            logit_loss = logit_loss + ensemble_ce
+
+        teacher = self.teachers  # whose map each network's feature loss reads
+        if self.transfers:
+            t = [tr(m) for tr, m in zip(self.transfers, maps)]
+        if spec.l1:
+            l1 = torch.stack([F.l1_loss(t[i], t[teacher[i]].detach()) for i in range(len(self.trained_networks()))])
+            out["l1"] = l1.detach()
+            logit_loss = logit_loss + l1.sum()
+        out["logit"] = logit_loss
+        if spec.adversarial:
+            # One D_k forward on the own (not detached) map serves L_G and L_D: each gradient set is
+            # taken only w.r.t. its own parameters (DESIGN §4).
+            d_own = torch.stack([d(t[i]) for i, d in enumerate(self.discriminators)])
+            d_peer = torch.stack([d(t[teacher[i]].detach()) for i, d in enumerate(self.discriminators)])
+            g_loss, d_loss = losses.lsgan_loss(d_own, d_peer)
+            out.update(generator=g_loss.sum(), discriminator=d_loss.sum(), g_loss=g_loss.detach(),
+                       d_loss=d_loss.detach(), d_own=d_own.detach(), d_peer=d_peer.detach())
+        return out
+
+    def _features(self, i: int, images: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        network = self.networks[i]
+        if self.spec.frozen_teacher and i == len(self.networks) - 1:
+            with torch.no_grad():  # the frozen teacher: no graph to keep
+                return network.features(images)
+        return network.high_level(shared) if shared is not None else network.features(images)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every network (``net<k>``) and, for ONE, of its gated ensemble
+        (``gated_ensemble``), in the modules' current mode."""
+        if not self.spec.shared_low_layers:
+            return {f"net{i}": n(images)[1] for i, n in enumerate(self.networks)}
+        shared = self.networks[0].low_level(images)
+        logits = torch.stack([n.head(n.high_level(shared)) for n in self.networks])
+        return {**{f"net{i}": z for i, z in enumerate(logits)},
+                "gated_ensemble": gated_ensemble(self.gate(shared), logits)}
+
+
+def _unique(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+

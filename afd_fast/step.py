@@ -1,0 +1,270 @@
+"""The training step: the gradient sets of one forward and the optimizer steps (docs/design.md §2).
+
+Single forward, dual step: the gradients of Σ L_logit (all network parameters), Σ L_G (extractors
+and transfer layers) and Σ L_D (discriminators) are all taken at the same parameters from the one
+forward of :class:`afd_fast.model.AFDModel`, then SGD, Adam and Adam step. fp16 adds
+:class:`LossScale`, a loss scale that stays on the device so that the step can be captured in a
+CUDA graph (:mod:`afd_fast.graph`).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from afd_fast.model import AFDModel
+
+@contextlib.contextmanager
+def batch_statistics_only(module: nn.Module):
+    """Train-mode batch norm that normalises with the batch's statistics but leaves the running ones
+    alone: a second forward of the same batch must not count it twice."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def gradient_sets(model: AFDModel, losses: dict[str, torch.Tensor],
+                  loss_scale: torch.Tensor | None = None) -> list[tuple[list[nn.Parameter], list]]:
+    """The three gradient sets at the current parameters, each w.r.t. its own parameter group
+    (multiplied by ``loss_scale`` when given: fp16 loss scaling).
+
+    When the forward was cut at the feature maps (``cut`` in losses), the logit and generator sets
+    go down to the maps separately and then through the extractors in one backward with two
+    stacked gradient outputs (``is_grads_batched``) instead of two passes: the same values."""
+    groups = [("logit", model.logit_parameters())]
+    if model.spec.adversarial:
+        groups += [("generator", model.generator_parameters()), ("discriminator", model.discriminator_parameters())]
+    scaled = {name: losses[name] if loss_scale is None else losses[name] * loss_scale for name, _ in groups}
+    if "cut" in losses and len(groups) == 3:
+        return _batched_gradient_sets(model, losses["features"], losses["cut"], scaled, groups)
+    sets = []
+    for n, (name, params) in enumerate(groups):
+        grads = torch.autograd.grad(scaled[name], params, retain_graph=n < len(groups) - 1, allow_unused=True)
+        sets.append((params, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]))
+    return sets
+
+
+def _batched_gradient_sets(model: AFDModel, features, cut, scaled, groups):
+    extractor = [p for n in model.networks for p in n.extractor_parameters()]
+    in_extractor = {id(p) for p in extractor}
+    grads = {}  # (set name, id(param)) -> gradient
+    at_maps = {}
+    for name, params in groups:
+        above = [p for p in params if id(p) not in in_extractor]  # heads, transfer layers, discriminators
+        wrt = above + (list(cut) if name != "discriminator" else [])
+        got = torch.autograd.grad(scaled[name], wrt, retain_graph=True, allow_unused=True)
+        grads.update({(name, id(p)): g for p, g in zip(above, got)})
+        if name != "discriminator":
+            at_maps[name] = [torch.zeros_like(c) if g is None else g for c, g in zip(cut, got[len(above):])]
+    stacked = [torch.stack([a, b]) for a, b in zip(at_maps["logit"], at_maps["generator"])]
+    through = torch.autograd.grad(features, extractor, stacked, is_grads_batched=True, allow_unused=True)
+    for p, g in zip(extractor, through):
+        if g is not None:
+            grads[("logit", id(p))], grads[("generator", id(p))] = g[0], g[1]
+    sets = []
+    for name, params in groups:
+        got = [grads.get((name, id(p))) for p in params]
+        sets.append((params, [torch.zeros_like(p) if g is None else g for p, g in zip(params, got)]))
+    return sets
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScale:
+    """Dynamic fp16 loss scaling that stays on the device (no host sync, so it can live in a CUDA
+    graph): the fused optimizers skip a step whose gradients hold inf/NaN (``found_inf``), the scale
+    halves on such a step and doubles after ``growth_interval`` clean ones (as torch's GradScaler)."""
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval = growth_interval
+
+    def unscale_(self, grad_sets: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Divides every gradient by the scale in place; returns one found_inf per set (1.0 if any
+        of its gradients is inf/NaN, else 0.0): each optimizer skips only its own bad step."""
+        inv_scale = self.scale.reciprocal()
+        found_infs = []
+        for grads in grad_sets:
+            found_infs.append(torch.zeros((), dtype=torch.float32, device=self.scale.device))
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_infs[-1], inv_scale)
+        return found_infs
+
+    def update(self, found_infs: list[torch.Tensor]) -> None:
+        torch._amp_update_scale_(self.scale, self.growth_tracker, torch.stack(found_infs).sum(),
+                                 2.0, 0.5, self.growth_interval)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
+
+
+class DualStep:
+    """Single forward, dual (triple) optimizer step: SGD on the logit loss, Adam on L_G, Adam on L_D.
+    For DML (``spec.sequential``) the networks' SGD steps follow one another instead
+    (:meth:`_sequential_step`), in the same optimizer (steps after the first see gradients of one
+    network only), so schedules, checkpoints and CUDA-graph capture treat it as every other method.
+
+    ``average_gradients`` (e.g. an all-reduce across processes) is applied to every gradient set
+    before any optimizer steps, since ``autograd.grad`` bypasses DDP's hooks.
+
+    ``amp``: "bf16" or "fp16" autocast of the forward ("off": the parameters' dtype); fp16 adds
+    :class:`LossScale`. ``fused``: torch's fused SGD/Adam with learning rates held in device tensors
+    (the schedules update them in place), needed for fp16 and for CUDA-graph capture; default on CUDA
+    and with fp16.
+    ``capturable``: Adam ready for CUDA-graph capture (CUDA only). ``batched_backward``: the logit
+    and generator sets through the extractors in one batched backward (see :func:`gradient_sets`;
+    an experiment that ``benchmarks/step.py`` measures, off by default)."""
+
+    def __init__(self, model: AFDModel, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
+                 adv_lr: float = 2e-5, adv_weight_decay: float = 0.1, average_gradients=None, amp: str = "off",
+                 fused: bool | None = None, capturable: bool = False, batched_backward: bool = False,
+                 nesterov: bool = False):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        self.model = model
+        self.average_gradients = average_gradients
+        self.batched_backward = batched_backward and model.spec.adversarial
+        self.device = next(model.parameters()).device
+        self.amp_dtype = AMP_DTYPES[amp]
+        fused = (self.device.type == "cuda" or amp == "fp16") if fused is None else fused
+        if amp == "fp16" and not fused:
+            raise ValueError("amp='fp16' skips steps on the device through the fused optimizers: use fused=True")
+        self.loss_scale = LossScale(self.device) if amp == "fp16" else None
+
+        def rate(value: float):
+            return torch.tensor(value, dtype=torch.float32, device=self.device) if fused else value
+
+        adam = dict(weight_decay=adv_weight_decay, fused=fused or None, capturable=capturable)
+        self.optimizers = {"logit": torch.optim.SGD(model.logit_parameters(), lr=rate(lr), momentum=momentum,
+                                                    nesterov=nesterov, weight_decay=weight_decay, fused=fused or None)}
+        if fused and momentum != 0:
+            # torch's fused SGD allocates momentum buffers uninitialised (empty_like) on its first
+            # step and fills them in the kernel, which returns early when found_inf is set: an fp16
+            # overflow on step one would leave garbage. Zeros give the same first step (0.9*0 + g = g).
+            sgd = self.optimizers["logit"]
+            for p in model.logit_parameters():
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        if model.spec.adversarial:
+            self.optimizers["generator"] = torch.optim.Adam(model.generator_parameters(), lr=rate(adv_lr), **adam)
+            self.optimizers["discriminator"] = torch.optim.Adam(model.discriminator_parameters(), lr=rate(adv_lr),
+                                                                **adam)
+
+    def _autocast(self):
+        # autocast's weight cache must be off under CUDA-graph capture (and buys nothing here:
+        # every weight is cast once per forward anyway)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None, cache_enabled=False)
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.model.spec.sequential:
+            return self._sequential_step(images, target)
+        with self._autocast():
+            losses = self.model(images, target, cut_at_features=self.batched_backward)
+        scale = self.loss_scale.scale if self.loss_scale is not None else None
+        sets = gradient_sets(self.model, losses, scale)
+        if self.average_gradients is not None:  # all three sets in one collective
+            self.average_gradients([g for _, grads in sets for g in grads])
+        if self.loss_scale is not None:
+            found_infs = self.loss_scale.unscale_([grads for _, grads in sets])
+            for optimizer, found_inf in zip(self.optimizers.values(), found_infs):
+                optimizer.grad_scale, optimizer.found_inf = None, found_inf
+        # All sets exist before the first step; an extractor parameter is in two sets, so each
+        # optimizer gets its own gradients right before it steps.
+        for (params, grads), optimizer in zip(sets, self.optimizers.values()):
+            _step_with(optimizer, params, grads)
+        if self.loss_scale is not None:
+            self.loss_scale.update(found_infs)
+        return losses
+
+    def _sequential_step(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DML as its authors define it (Zhang et al., 2018, Algorithm 1), for K networks in turn:
+        network k takes an SGD step on CE + T² · mean_{j≠k} KL(p_j || p_k) towards the others'
+        current predictions, then its prediction is recomputed with the updated weights, so the
+        networks after it learn from that. Network k's own forward is the one of the step's start
+        (its weights have not changed before its turn); the recomputation needs no graph, and its
+        batch norm normalises with the batch without counting it a second time."""
+        model, optimizer = self.model, self.optimizers["logit"]
+        losses = model.losses
+        scale = self.loss_scale.scale if self.loss_scale is not None else None
+        with self._autocast():
+            logits = [n(images)[1] for n in model.networks]
+        totals, ces, kls, found_infs = [], [], [], []
+        for k, network in enumerate(model.networks):
+            # row 0 the student k, rows 1..K-1 its peers (teachers: the op detaches them)
+            z = torch.stack([logits[k]] + [peer.detach() for j, peer in enumerate(logits) if j != k])
+            loss, ce, kl = losses.mutual_distillation_loss(z, target, model.sequential_weights, model.temperature,
+                                                           label_smoothing=model.label_smoothing)
+            params = list(network.parameters())
+            grads = torch.autograd.grad(loss.sum() if scale is None else loss.sum() * scale, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            if self.average_gradients is not None:
+                self.average_gradients(grads)
+            if self.loss_scale is not None:
+                found_infs += self.loss_scale.unscale_([grads])
+                optimizer.grad_scale, optimizer.found_inf = None, found_infs[-1]
+            _step_with(optimizer, params, grads)  # only network k has gradients: SGD leaves the others alone
+            if k < len(logits) - 1:
+                with torch.no_grad(), self._autocast(), batch_statistics_only(network):
+                    logits[k] = network(images)[1]
+            totals.append(loss.detach())
+            ces.append(ce)
+            kls.append(kl)
+        if self.loss_scale is not None:
+            self.loss_scale.update(found_infs)
+        return {"ce": torch.cat(ces), "kl": torch.cat(kls), "logit": torch.cat(totals).sum()}
+
+    def state_dict(self) -> dict:
+        state = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Optimizer state, learning rates and loss scale from a checkpoint; how this run steps
+        (fused, capturable, device lr tensors, memory layout) stays as built, whatever the
+        checkpoint's run used. Load before a CUDA graph is captured."""
+        for name, opt in self.optimizers.items():
+            built = [dict(group) for group in opt.param_groups]
+            opt.load_state_dict(state[name])
+            for group, before in zip(opt.param_groups, built):
+                for key in ("fused", "capturable", "foreach", "differentiable"):
+                    if key in before:
+                        group[key] = before[key]
+                rate = before["lr"]
+                if isinstance(rate, torch.Tensor):  # keep the device tensor (a CUDA graph may hold it)
+                    rate.fill_(group["lr"])
+                    group["lr"] = rate
+                steps_on_device = group.get("fused") or group.get("capturable")
+                for p in group["params"]:
+                    values = opt.state.get(p, {})
+                    for key, value in values.items():
+                        if not isinstance(value, torch.Tensor):
+                            continue
+                        if value.shape == p.shape:  # moments in the parameter's layout (channels-last or not)
+                            values[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                        elif key == "step" and steps_on_device:  # fused/capturable Adam counts on the device
+                            values[key] = value.to(p.device, torch.float32)
+        if self.loss_scale is not None and "loss_scale" in state:
+            self.loss_scale.load_state_dict(state["loss_scale"])
+
+
+def _step_with(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    """One optimizer step with these gradients: set, step, clear. A parameter in two gradient sets
+    (an extractor's: logit and L_G) carries only the set of the optimizer that steps now."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer.step()
+    for p in params:
+        p.grad = None
