@@ -47,18 +47,11 @@ import zipfile
 import numpy as np
 import torch
 
+from afd_fast.errors import CheckpointError, CheckpointWriteError  # noqa: F401  (part of this module's API)
+
 FORMAT, VERSION = "afd_fast.checkpoint", 2
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 CANDIDATES = (LAST, PREVIOUS, BEST)
-
-
-class CheckpointError(SystemExit):
-    """A checkpoint that cannot be used (missing, damaged, of an unknown format); as a program
-    error it ends the run with its message."""
-
-
-class CheckpointWriteError(SystemExit):
-    """Writing a checkpoint failed (e.g. a full disk); the earlier checkpoints are intact."""
 
 
 # --- state ------------------------------------------------------------------------------------------
@@ -317,7 +310,7 @@ class CheckpointWriter:
             kept = f"the previous checkpoint {self.path!r}" + (f" ({self.good})" if self.good else "") + " is intact"
         else:
             kept = "no earlier checkpoint exists"
-        return (f"afd_fast: cannot write checkpoint {self.path!r}: {reason}; the run stops and {kept}"
+        return (f"cannot write checkpoint {self.path!r}: {reason}; the run stops and {kept}"
                 + (f"; resume with: {self.resume_hint}" if self.resume_hint and os.path.isfile(self.path) else ""))
 
 

@@ -31,15 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from afd_fast.errors import TrainingInterrupted, signal_name  # noqa: F401  (part of this module's API)
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class TrainingInterrupted(SystemExit):
-    """The processes stopped on a signal after saving: exits with status 128 + the signal number."""
-
-    def __init__(self, signum: int):
-        super().__init__(128 + signum)
-        self.signum = signum
 
 
 @dataclass
@@ -118,13 +112,6 @@ class StopControl:
         deadline = time.monotonic() + 120
         while not self.signal and time.monotonic() < deadline:
             time.sleep(0.02)
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def resume_command(argv: list[str]) -> str:

@@ -16,15 +16,13 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from afd_fast.errors import BadDataError  # noqa: F401  (part of this module's API)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _JPEG = b"\xff\xd8\xff"
 _MAGIC = (_JPEG, b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 _JPEG_END, _JPEG_TAIL = b"\xff\xd9", 1024  # the end marker may be followed by a little padding
 SKIP_HINT = "pass --skip-bad-files (skip_bad=True) to leave such files out"
-
-
-class BadDataError(ValueError):
-    pass
 
 
 @dataclass
