@@ -41,7 +41,6 @@ import random
 import shutil
 import sys
 import threading
-import time
 import zipfile
 
 import numpy as np
@@ -216,7 +215,7 @@ def _link(src: str, dst: str, copy_if_no_links: bool) -> None:
     os.replace(tmp, dst)
 
 
-def write_durably(obj, path: str, best: bool = False, fault: "_Fault | None" = None, rotate: bool = True) -> None:
+def write_durably(obj, path: str, best: bool = False, rotate: bool = True) -> None:
     """torch.save(obj) to path so that path is always a whole file: written beside it, fsynced,
     the current file linked to previous.pt (rotate), renamed over path, the folder fsynced; best:
     best.pt becomes the new file too."""
@@ -224,7 +223,7 @@ def write_durably(obj, path: str, best: bool = False, fault: "_Fault | None" = N
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, fault.wrap(f, folder) if fault else f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         if rotate and os.path.isfile(path):
@@ -254,7 +253,6 @@ class CheckpointWriter:
         self.error: BaseException | None = None
         self.good: str | None = None  # what the newest complete last.pt holds
         self.rotate = True  # link the current last.pt to previous.pt before replacing it
-        self.fault = _Fault.from_environment()
 
     def start_fresh(self) -> None:
         """A run that does not resume: an earlier run's previous.pt goes, its last.pt and best.pt are
@@ -289,7 +287,7 @@ class CheckpointWriter:
 
     def _write(self, state: dict, best: bool) -> None:
         try:
-            write_durably(state, self.path, best, self.fault, rotate=self.rotate)
+            write_durably(state, self.path, best, rotate=self.rotate)
             self.good, self.rotate = describe(state), True
         except BaseException as e:  # noqa: BLE001: reported by the training thread
             self.error = _os_error(e) or e
@@ -325,45 +323,3 @@ def _os_error(error: BaseException | None) -> OSError | None:
         error = error.__cause__ or error.__context__
     return None
 
-
-class _Fault:
-    """Test hook, off unless AFD_FAST_TEST_WRITE_FAULT is set to "<n>:pause" or "<n>:enospc": the
-    n-th checkpoint write of this process, after its first 64 KiB, waits (after writing the marker
-    file .test-paused-in-write holding the pid, for a test to kill -9 the process) or fails with
-    ENOSPC (a full disk)."""
-
-    def __init__(self, nth: int, action: str):
-        self.nth, self.action, self.count = nth, action, 0
-
-    @classmethod
-    def from_environment(cls) -> "_Fault | None":
-        spec = os.environ.get("AFD_FAST_TEST_WRITE_FAULT")
-        if not spec:
-            return None
-        nth, action = spec.split(":")
-        return cls(int(nth), action)
-
-    def wrap(self, f, folder: str):
-        self.count += 1
-        return _FaultyFile(f, self, folder) if self.count == self.nth else f
-
-
-class _FaultyFile:
-    def __init__(self, f, fault: _Fault, folder: str):
-        self.f, self.fault, self.folder, self.written = f, fault, folder, 0
-
-    def write(self, data) -> int:
-        n = self.f.write(data)
-        self.written += n
-        if self.written >= 65536:
-            if self.fault.action == "enospc":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.f.flush()
-            with open(os.path.join(self.folder, ".test-paused-in-write"), "w") as marker:
-                marker.write(str(os.getpid()))
-            print("afd_fast test hook: paused inside a checkpoint write", file=sys.stderr, flush=True)
-            time.sleep(600)
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()

@@ -125,9 +125,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def register_fake_and_autograd(namespace: str = "afd_fast") -> None:
-    """Fake kernels and autograd of the four operators of ``torch.ops.<namespace>``: the compiled
-    library here, and under the same contract the CUDA kernels built for the CPU emulation of
-    the tests (tests/cuda_emu)."""
+    """Fake kernels and autograd for a library of operators with afd_fast's four schemas, under
+    ``torch.ops.<namespace>``; called once at import for ``afd_fast``.
+
+    The namespace is the one documented hook of this module: the CPU emulation of the CUDA kernels
+    (tests/cuda_emu, see docs/design.md "The CUDA emulation") registers them as ``afd_fast_emu``
+    with the same schemas and calls this for that library, so that the emulated kernels run
+    through the very autograd formulas and fake kernels users get, not a copy of them."""
     lib = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(f"{namespace}::mutual_distillation_forward")

@@ -12,18 +12,12 @@ other reasons to act at the same step on every process: a checkpoint due by the 
 After a stop the trainer writes ``last.pt`` with the exact position, prints the command that resumes,
 and every process exits with status 128 + the signal number (143 for SIGTERM, 138 for SIGUSR1), as a
 process killed by it would: schedulers and ``torchrun --max-restarts`` see an interrupted run.
-
-Test hook: with ``AFD_FAST_TEST_PAUSE_AT_STEP=n`` (and ``AFD_FAST_TEST_PAUSE_RANK``, default 0) that
-process writes the marker ``<output>/.test-paused-step<n>-rank<r>`` (holding its pid) after step n
-and waits, up to two minutes, until a signal arrives, so that a test can signal or kill it there;
-it pauses once per output folder (a restarted run does not pause again).
 """
 from __future__ import annotations
 
 import os
 import shlex
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -52,16 +46,14 @@ class StopControl:
 
     def __init__(self, rank: int, world: int, device: torch.device, check_every: int,
                  checkpoint_every: int | None = None, checkpoint_minutes: float | None = None,
-                 write_failed=lambda: False, output: str = "."):
+                 write_failed=lambda: False):
         self.rank, self.world, self.device = rank, world, device
         self.check_every, self.checkpoint_every = check_every, checkpoint_every
         self.checkpoint_seconds = None if checkpoint_minutes is None else 60.0 * checkpoint_minutes
-        self.write_failed, self.output = write_failed, output
+        self.write_failed = write_failed
         self.signal = 0
         self.last_save = time.monotonic()
         self._previous = {}
-        pause = os.environ.get("AFD_FAST_TEST_PAUSE_AT_STEP")
-        self._pause_step = int(pause) if pause and int(os.environ.get("AFD_FAST_TEST_PAUSE_RANK", 0)) == rank else None
 
     def __enter__(self) -> "StopControl":
         if threading.current_thread() is threading.main_thread():  # Python runs handlers there only
@@ -81,7 +73,6 @@ class StopControl:
         self.last_save = time.monotonic()
 
     def after_step(self, step: int) -> Decision:
-        self._test_pause(step)
         if self.world == 1 or step % self.check_every == 0:
             decision = self.agree()
         else:
@@ -99,19 +90,6 @@ class StopControl:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = t.tolist()
         return Decision(stop=flags[0], save=bool(flags[1]), write_failed=bool(flags[2]))
-
-    def _test_pause(self, step: int) -> None:
-        if step != self._pause_step:
-            return
-        marker = os.path.join(self.output, f".test-paused-step{step}-rank{self.rank}")
-        if os.path.exists(marker):
-            return
-        with open(marker, "w") as f:
-            f.write(str(os.getpid()))
-        print(f"afd_fast test hook: rank {self.rank} paused after step {step}", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + 120
-        while not self.signal and time.monotonic() < deadline:
-            time.sleep(0.02)
 
 
 def resume_command(argv: list[str]) -> str:

@@ -26,8 +26,4 @@ TORCH_LIBRARY(afd_fast, m) {
   m.def(
       "lsgan_backward(Tensor grad_g, Tensor grad_d, Tensor d_own, Tensor d_peer, float real_label, "
       "float fake_label) -> (Tensor grad_own, Tensor grad_peer)");
-  // Test hook for the GPU kernel's single-pass row statistics (afd_math.h), run on the CPU: each
-  // row of z [N, C] is split over `lanes` interleaved partial states merged as a warp merges them.
-  // Returns [N, 4]: max, logsumexp(z), log sum exp((z - max) / T), sum z.
-  m.def("_online_row_stats(Tensor z, float temperature, int lanes) -> Tensor");
 }

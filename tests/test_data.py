@@ -15,6 +15,28 @@ needs_data = pytest.mark.skipif(not os.path.isdir(IMAGENETTE), reason=f"no image
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 
 
+class PathsLoader(DALILoader):
+    """DALILoader whose pipeline also hands out the file each sample came from (DALI's source_info):
+    ``epoch_with_paths()`` runs one epoch of the shard as (images, labels, paths); CPU pipelines only."""
+
+    def _outputs(self, images, labels, jpegs):
+        from nvidia.dali import fn
+
+        return (*super()._outputs(images, labels, jpegs), fn.get_property(jpegs, key="source_info"))
+
+    def _iterator(self, policy):
+        return None  # file names have different lengths: no DALIGenericIterator
+
+    def epoch_with_paths(self):
+        seen, batch_size = 0, self.pipe.max_batch_size
+        while seen < self.shard_size:
+            images, labels, paths = self.pipe.run()
+            take = min(batch_size, self.shard_size - seen)
+            imgs, lbls = self._to_torch(torch.from_numpy(images.as_array()), torch.from_numpy(labels.as_array()))
+            yield imgs[:take], lbls[:take], [bytes(paths.at(i)).decode() for i in range(take)]
+            seen += take
+
+
 @needs_data
 def test_folder_listing_labels_follow_sorted_class_names():
     fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
@@ -42,7 +64,7 @@ def test_dali_labels_match_folders_and_two_shards_cover_val_exactly_once():
     fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
     seen = []
     for shard in range(2):
-        loader = DALILoader(fl, 48, 64, train=False, shard_id=shard, num_shards=2, threads=2, with_paths=True)
+        loader = PathsLoader(fl, 48, 64, train=False, shard_id=shard, num_shards=2, threads=2)
         for images, labels, paths in loader.epoch_with_paths():
             assert images.shape[1:] == (3, 48, 48)
             for label, path in zip(labels.tolist(), paths):
@@ -59,7 +81,7 @@ def test_dali_validation_is_deterministic_and_training_order_follows_the_seed():
     for (a, la), (b, lb) in zip(*runs):
         assert torch.equal(a, b) and torch.equal(la, lb)
     def first_paths(seed, epoch=0):
-        loader = DALILoader(fl, 32, 50, train=True, seed=seed, epoch=epoch, threads=2, with_paths=True)
+        loader = PathsLoader(fl, 32, 50, train=True, seed=seed, epoch=epoch, threads=2)
         return next(loader.epoch_with_paths())[2]
     assert first_paths(3) == first_paths(3)
     assert first_paths(3) != first_paths(4) and first_paths(3) != first_paths(3, epoch=1)
@@ -69,8 +91,8 @@ def test_dali_validation_is_deterministic_and_training_order_follows_the_seed():
 @needs_dali
 def test_dali_training_shards_are_disjoint():
     fl = list_image_folder(os.path.join(IMAGENETTE, "val"))
-    shards = [{p for _, _, paths in DALILoader(fl, 32, 50, train=True, seed=5, epoch=2, shard_id=r, num_shards=2,
-                                               threads=2, with_paths=True).epoch_with_paths() for p in paths}
+    shards = [{p for _, _, paths in PathsLoader(fl, 32, 50, train=True, seed=5, epoch=2, shard_id=r, num_shards=2,
+                                                threads=2).epoch_with_paths() for p in paths}
               for r in range(2)]
     assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 500
 

@@ -2,7 +2,7 @@
 exact resume for every loader, one process and two under torchrun; kill -9 inside a checkpoint write;
 a truncated last.pt and the fallback to previous.pt; a full disk; torchrun --max-restarts with
 --resume auto. The signals are real (os.kill); to hit an exact step, the test hook
-AFD_FAST_TEST_PAUSE_AT_STEP makes that process wait after the step until the signal arrives."""
+AFD_FAST_TEST_PAUSE_AT_STEP (tests/_hooks.py) makes that process wait after the step until the signal arrives."""
 import errno
 import json
 import os
@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+import _hooks
 from afd_fast import checkpoint, preemption
 from afd_fast.data import build_loaders, synthetic_image_folder
 from afd_fast.data.dali import dali_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOOKED = [os.path.join(ROOT, "tests", "_hooks.py"), "-m", "afd_fast.train"]  # afd_fast.train with the test hooks
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 
@@ -61,7 +63,7 @@ def _argv(data, out, *extra):
 
 def _launch(argv, log, env=None, torchrun=None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun,
-                "-m", "afd_fast.train"] if torchrun is not None else [sys.executable, "-m", "afd_fast.train"]
+                *HOOKED] if torchrun is not None else [sys.executable, *HOOKED]
     with open(log, "w") as f:
         return subprocess.Popen(launcher + [str(a) for a in argv], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env=dict(ENV, **(env or {})))
@@ -428,7 +430,7 @@ def test_version_1_checkpoints_are_read_and_newer_ones_refused(tmp_path):
 
 
 def test_checkpoint_writer_reports_a_full_disk(tmp_path, monkeypatch):
-    monkeypatch.setenv("AFD_FAST_TEST_WRITE_FAULT", "2:enospc")
+    _hooks.fail_checkpoint_write(2, "enospc", monkeypatch.setattr)
     writer = checkpoint.CheckpointWriter(str(tmp_path), "python -m afd_fast.train --resume")
     state = {"model": {}, "epoch": 0, "batch": 1, "step": 1, "x": torch.zeros(100_000)}
     writer.submit(state, wait=True)

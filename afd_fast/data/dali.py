@@ -37,9 +37,9 @@ class DALILoader:
     def __init__(self, file_list: FileList, image_size: int, batch_size: int, train: bool, seed: int = 0,
                  epoch: int = 0, shard_id: int = 0, num_shards: int = 1, device_id: int | None = None, threads: int = 4,
                  prefetch: int = 2, hw_decoder_load: float = 0.65, dtype: torch.dtype = torch.float32,
-                 drop_last: bool = True, with_paths: bool = False, checkpoint: bytes | None = None):
+                 drop_last: bool = True, checkpoint: bytes | None = None):
         from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import LastBatchPolicy
 
         self.dtype = dtype
         gpu = device_id is not None
@@ -75,10 +75,7 @@ class DALILoader:
                 mirror = 0
             images = fn.crop_mirror_normalize(images, dtype=getattr(types, _DTYPES[dtype]), output_layout="HWC",
                                               crop=(image_size, image_size), mean=mean, std=std, mirror=mirror)
-            outputs = [images, labels.gpu() if gpu else labels]
-            if with_paths:  # tests: the file each sample came from
-                outputs.append(fn.get_property(jpegs, key="source_info"))
-            return tuple(outputs)
+            return self._outputs(images, labels.gpu() if gpu else labels, jpegs)
 
         self.pipe = pipeline()
         self.pipe.build()
@@ -86,15 +83,22 @@ class DALILoader:
         self.shard_size = _shard_size(len(file_names), shard_id, num_shards)
         self.shard_files = file_names[start:start + self.shard_size]  # in the order the reader reads them
         self.batch_size, self.prefetch = batch_size, prefetch
-        if with_paths:  # file names have different lengths: no DALIGenericIterator (see epoch_with_paths)
-            return
         policy = LastBatchPolicy.DROP if train and drop_last else LastBatchPolicy.PARTIAL
         try:  # the iterator runs the first batches already
-            self.iterator = DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader",
-                                               last_batch_policy=policy, auto_reset=True)
+            self.iterator = self._iterator(policy)
         except RuntimeError as e:
             self._raise_if_bad_data(e, 0)
             raise
+
+    def _outputs(self, images, labels, jpegs) -> tuple:
+        """The pipeline's outputs from its decoded, augmented images, labels and encoded files."""
+        return images, labels
+
+    def _iterator(self, policy):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        return DALIGenericIterator([self.pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
+                                   auto_reset=True)
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -142,16 +146,6 @@ class DALILoader:
         if self.dtype == torch.bfloat16:
             images = images.to(torch.bfloat16)
         return images, labels.reshape(-1).long()
-
-    def epoch_with_paths(self):
-        """One epoch of this shard as (images, labels, file paths), for checks; CPU pipelines only."""
-        seen, batch_size = 0, self.pipe.max_batch_size
-        while seen < self.shard_size:
-            images, labels, paths = self.pipe.run()
-            take = min(batch_size, self.shard_size - seen)
-            imgs, lbls = self._to_torch(torch.from_numpy(images.as_array()), torch.from_numpy(labels.as_array()))
-            yield imgs[:take], lbls[:take], [bytes(paths.at(i)).decode() for i in range(take)]
-            seen += take
 
 
 def _shard_size(n: int, shard_id: int, num_shards: int) -> int:
