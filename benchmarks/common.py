@@ -105,3 +105,26 @@ def print_table(headers: list[str], rows: list[list]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+class RandomBatches:
+    """In-memory synthetic input for timing the training step alone: ``distinct`` random batches
+    made once on the device and handed out in turn, ``steps`` per pass (no decode, no copy)."""
+
+    def __init__(self, batch_size: int, image_size: int, num_classes: int, steps: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                 distinct: int = 4, seed: int = 0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.batches = [(torch.randn(batch_size, 3, image_size, image_size, device=device, generator=g)
+                         .to(dtype).contiguous(memory_format=layout),
+                         torch.randint(0, num_classes, (batch_size,), device=device, generator=g))
+                        for _ in range(distinct)]
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for i in range(self.steps):
+            yield self.batches[i % len(self.batches)]

@@ -185,21 +185,6 @@ def test_torchvision_loader_names_a_corrupt_file(tmp_path):
         list(loaders.val)
 
 
-def test_random_batches_are_fixed_device_tensors():
-    from afd_fast.data import RandomBatches
-
-    source = RandomBatches(5, 24, 7, steps=6, dtype=torch.bfloat16, distinct=2, seed=3)
-    batches = list(source)
-    assert len(source) == 6 == len(batches)
-    images, labels = batches[0]
-    assert images.shape == (5, 3, 24, 24) and images.dtype == torch.bfloat16
-    assert images.is_contiguous(memory_format=torch.channels_last)
-    assert labels.dtype == torch.int64 and 0 <= int(labels.min()) and int(labels.max()) < 7
-    assert batches[2][0] is images and not torch.equal(batches[1][0], images)  # reused in turn, no copies
-    again = RandomBatches(5, 24, 7, steps=1, dtype=torch.bfloat16, distinct=2, seed=3)
-    assert torch.equal(next(iter(again))[0], images)
-
-
 @needs_data
 @needs_dali
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -10,6 +10,8 @@ import pickle
 
 import torch
 
+from afd_fast.data.loaders import Loaders
+
 # Per-channel mean and std of each data set's training images, by its number of classes.
 NORMALISATION = {
     10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -108,6 +110,21 @@ class CifarLoader:
                 x = augment(x, aug.manual_seed(self._augmentation_seed(batch)))
             x = (x.float() - self.mean) / self.std
             yield x.permute(0, 3, 1, 2), self.labels[idx]  # NHWC -> NCHW view, channels-last memory
+
+
+class CifarLoaders(Loaders):
+    """CIFAR held on the training device (see the module docstring)."""
+
+    backend = "cifar"
+
+    def __init__(self, folder: str, batch_size: int, seed: int, rank: int, world: int, device: torch.device):
+        train_x, train_y, test_x, test_y, classes = load_cifar(folder)
+        self.train = CifarLoader(train_x, train_y, batch_size, True, device, seed, rank, world, len(classes))
+        val = CifarLoader(test_x, test_y, batch_size, False, device, seed, rank, world, len(classes))
+        super().__init__(val, len(self.train), len(train_y), classes)
+
+    def train_epoch(self, epoch: int, start_batch: int = 0, state=None) -> CifarLoader:
+        return self.train.for_epoch(epoch, start_batch, state)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -14,9 +14,12 @@ and the state of every random generator: the crop and flip draws), and a loader 
 epoch would have produced (DALI restores the state; the prefetched batches are not counted)."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from afd_fast.data.folder import BadDataError, FileList, decode_problems
+from afd_fast.data.loaders import Loaders
 
 MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -146,6 +149,36 @@ class DALILoader:
         if self.dtype == torch.bfloat16:
             images = images.to(torch.bfloat16)
         return images, labels.reshape(-1).long()
+
+
+class DALILoaders(Loaders):
+    """A new training pipeline per epoch (its order and seeds follow the epoch); one validation pipeline."""
+
+    backend = "dali"
+
+    def __init__(self, train_list: FileList, val_list: FileList, image_size: int, batch_size: int, seed: int,
+                 rank: int, world: int, options: dict):
+        self.train_list, self.image_size, self.batch_size = train_list, image_size, batch_size
+        self.seed, self.rank, self.world, self.options = seed, rank, world, options
+        self.current: DALILoader | None = None  # the epoch in progress
+        val = DALILoader(val_list, image_size, batch_size, train=False, shard_id=rank, num_shards=world, **options)
+        # every shard runs the same number of steps: the smallest shard's count of full batches
+        steps = (len(train_list.files) // world) // batch_size
+        super().__init__(val, steps, len(train_list.files), train_list.classes)
+
+    def train_epoch(self, epoch: int, start_batch: int = 0, state: bytes | None = None):
+        """With ``state`` (a pipeline checkpoint) DALI restores the reader position and every random
+        generator. Without one (e.g. a checkpoint of another loader), the pipeline runs forward
+        ``start_batch`` batches that are dropped: the same batches follow, at the cost of decoding them."""
+        self.current = DALILoader(self.train_list, self.image_size, self.batch_size, train=True, seed=self.seed,
+                                  epoch=epoch, shard_id=self.rank, num_shards=self.world, checkpoint=state,
+                                  **self.options)
+        if state is not None or not start_batch:
+            return self.current
+        return itertools.islice(self.current, start_batch, None)
+
+    def train_state(self) -> bytes | None:
+        return self.current.checkpoint() if self.current is not None else None
 
 
 def _shard_size(n: int, shard_id: int, num_shards: int) -> int:

@@ -1,7 +1,7 @@
-"""Synthetic data: the embedded default data set (a small JPEG image folder with learnable class
-structure) and :class:`RandomBatches`, random tensors on the device for timing the step alone.
+"""Synthetic data: the embedded default data set, a small JPEG image folder with learnable class
+structure.
 
-In the JPEG folder each class has its own colour and stripe orientation; every image adds a random phase, random
+Each class has its own colour and stripe orientation; every image adds a random phase, random
 brightness and pixel noise, so a network must learn the structure (a single pixel does not give
 the class away). Written once, then reused from the cache folder."""
 from __future__ import annotations
@@ -10,7 +10,6 @@ import math
 import os
 
 import numpy as np
-import torch
 from PIL import Image
 
 VERSION = 1
@@ -45,25 +44,3 @@ def synthetic_image_folder(root: str | None = None, num_classes: int = 10, train
     open(done, "w").close()
     return root
 
-
-class RandomBatches:
-    """In-memory synthetic input for timing the training step alone: ``distinct`` random batches
-    made once on the device and handed out in turn, ``steps`` per pass (no decode, no copy)."""
-
-    def __init__(self, batch_size: int, image_size: int, num_classes: int, steps: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                 distinct: int = 4, seed: int = 0):
-        g = torch.Generator(device=device).manual_seed(seed)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.batches = [(torch.randn(batch_size, 3, image_size, image_size, device=device, generator=g)
-                         .to(dtype).contiguous(memory_format=layout),
-                         torch.randint(0, num_classes, (batch_size,), device=device, generator=g))
-                        for _ in range(distinct)]
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        for i in range(self.steps):
-            yield self.batches[i % len(self.batches)]

@@ -1,0 +1,33 @@
+"""What every data backend hands the trainer: :class:`Loaders`, one subclass per backend
+(:class:`~afd_fast.data.dali.DALILoaders`, :class:`~afd_fast.data.torchvision_loader.TorchLoaders`,
+:class:`~afd_fast.data.cifar.CifarLoaders`)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class Loaders:
+    """One process's training and validation data.
+
+    ``train_epoch(e, start_batch=0, state=None)``: this process's batches of epoch e from batch
+    ``start_batch`` on, the same batches (images, order, augmentation) as the uninterrupted epoch
+    from that batch, whether or not the run was resumed; ``state`` is what :meth:`train_state`
+    returned at that position (DALI's pipeline checkpoint; None for the loaders whose position
+    alone fixes the rest). ``val``: this process's share of the validation set, every image once
+    overall. ``steps_per_epoch``: training batches per epoch, the same on every process."""
+
+    backend = ""
+
+    def __init__(self, val: Iterable, steps_per_epoch: int, train_size: int, classes: list[str]):
+        self.val, self.steps_per_epoch, self.train_size, self.classes = val, steps_per_epoch, train_size, classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def train_epoch(self, epoch: int, start_batch: int = 0, state=None) -> Iterable:
+        raise NotImplementedError
+
+    def train_state(self):
+        """What resumes the epoch in progress exactly at the current batch (None: the position suffices)."""
+        return None
