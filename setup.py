@@ -98,6 +98,8 @@ setup(
     version="0.1.0",
     description="Fast online Adversarial Feature-map Distillation: fused loss ops and trainer",
     packages=find_packages(include=["afd_fast", "afd_fast.*"]),
+    package_data={"afd_fast": ["recipes/*.yaml"]},  # the --recipe files, read from the installed package
+    install_requires=["pyyaml"],  # --config, --recipe and config.yaml
     python_requires=">=3.10",
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
