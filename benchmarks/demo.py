@@ -1,6 +1,6 @@
 """A short demo of afd_fast.ops: the fused losses next to the plain-PyTorch reference, and their speed.
 
-    python -m afd_fast.demo [--device cpu|cuda]
+    python benchmarks/demo.py [--device cpu|cuda]
 """
 from __future__ import annotations
 
