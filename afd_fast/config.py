@@ -26,7 +26,7 @@ import yaml
 
 from afd_fast.errors import ConfigError
 from afd_fast.methods import METHODS, architecture_problem, method_spec
-from afd_fast.models import NETWORKS
+from afd_fast.models import ARCH_HELP, PRETRAINED_HELP, network_problem, parse_pretrained
 from afd_fast.models.cifar import CIFAR_NETWORKS
 from afd_fast.schedule import Schedule
 
@@ -158,8 +158,8 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     """The flags; every default is None here (unset: the config file, the recipe or DEFAULTS decide)."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("what to train")
-    run.add_argument("--arch", help=f"comma-separated networks, one per peer (default {DEFAULTS['arch']}); known: "
-                                    f"{', '.join(sorted(NETWORKS))}")
+    run.add_argument("--arch", help=f"comma-separated networks, one per peer (default {DEFAULTS['arch']}): "
+                                    f"{ARCH_HELP}")
     run.add_argument("--method", choices=METHODS,
                      help="afd (default); the paper's baselines: dml (sequential, as its authors), one (branches on "
                           "shared low layers, gated-ensemble teacher; identical CIFAR networks), kd (online, "
@@ -172,8 +172,7 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
                                     "train.txt and val.txt ('<path> <label>' lines, paths relative to it) or "
                                     "CIFAR-10/100 in the python format (cifar-10-batches-py, cifar-100-python); "
                                     "default: the embedded synthetic set")
-    run.add_argument("--pretrained", help="comma-separated local state_dict files, one per network; an empty entry "
-                                          "starts that network fresh (e.g. ',teacher.pt')")
+    run.add_argument("--pretrained", help=PRETRAINED_HELP)
     run.add_argument("--temperature", type=float,
                      help="KD temperature T (default: 1 for dml, as the DML paper; 3 otherwise, as the AFD paper)")
     run.add_argument("--output", help=f"folder for metrics, checkpoints, plots and config.yaml (default "
@@ -378,7 +377,7 @@ def choose_recipe(data: str | None, archs, pretrained) -> tuple[str, str]:
     if find_cifar(data) is not None:
         return "cifar-paper", "--data holds CIFAR"
     if all(a in CIFAR_NETWORKS for a in archs):
-        return "cifar-paper", "the paper's CIFAR networks (32 px)"
+        return "cifar-paper", "--arch names the paper's CIFAR networks"
     if pretrained:
         return "imagenet-paper", "an image folder with --pretrained: the paper's fine-tuning of pre-trained networks"
     return "imagenet-scratch", ("an image folder without --pretrained: training from scratch (with --pretrained: "
@@ -411,19 +410,6 @@ def scale_milestones(milestones, recipe_epochs: int, epochs: int) -> tuple[int, 
     return tuple(sorted({m for m in moved if 1 <= m < epochs}))
 
 
-def _pretrained(value, archs) -> tuple[str, ...] | None:
-    """--pretrained: one local state_dict file per network ('' for none)."""
-    if not value:
-        return None
-    paths = value.split(",") if isinstance(value, str) else [str(v or "") for v in value]
-    if len(paths) != len(archs):
-        raise ConfigError(f"--pretrained needs one file per network ({len(archs)}), got {len(paths)}")
-    for path in paths:
-        if path and not os.path.isfile(path):
-            raise ConfigError(f"--pretrained file {path!r} does not exist")
-    return tuple(os.path.abspath(p) if p else "" for p in paths)
-
-
 def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, world_size: int = 1,
             cuda_available: bool = False, has_extension: bool = True) -> Config:
     """The run's Config from the flags (unset ones None), the config file, the recipe they name (or
@@ -440,9 +426,8 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
 
     # what is trained
     archs = _names(given.get("arch", DEFAULTS["arch"]))
-    unknown = [a for a in archs if a not in NETWORKS]
-    if unknown:
-        raise ConfigError(f"unknown network {unknown[0]!r}; known networks: {', '.join(sorted(NETWORKS))}")
+    for problem in filter(None, map(network_problem, archs)):
+        raise ConfigError(problem)
     method = given.get("method", DEFAULTS["method"])
     problem = architecture_problem(method, archs)
     if problem:
@@ -455,7 +440,7 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
         if not os.path.isdir(data):
             raise ConfigError(f"{origin('data')} {data!r} is not a folder")
         data = os.path.abspath(data)
-    pretrained = _pretrained(given.get("pretrained"), archs)
+    pretrained = parse_pretrained(given.get("pretrained"), archs)
     if method_spec(method).frozen_teacher and not (pretrained and pretrained[-1]):
         raise ConfigError(f"--method {method} distils from a pre-trained teacher, the last network of --arch: give "
                           "its weights with --pretrained (e.g. ',teacher.pt')")

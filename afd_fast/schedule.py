@@ -65,6 +65,10 @@ class LearningRates:
         self.optimizers, self.schedules, self.steps_per_epoch = optimizers, schedules, steps_per_epoch
         self.current: dict[str, tuple] = {}
 
+    def forget(self) -> None:
+        """After loading an optimizer state (it brings its own rates): the next apply writes every rate."""
+        self.current = {}
+
     def rates(self, step: int) -> dict[str, float]:
         return {name: self.schedules[name].rate(step, self.steps_per_epoch) for name in self.optimizers}
 
