@@ -558,6 +558,23 @@ def parse(argv=None, description: str | None = None, world_size: int | None = No
         parser.error(str(e))
 
 
+def recipe_changes(config: Config) -> list[str]:
+    """The schedule settings in which a run departs from its recipe, as 'key value (recipe value)';
+    a recipe's milestones count as moved with --epochs (only the epochs are named then)."""
+    _, recipe = load_recipe(config.recipe)
+    changes = []
+    for key in RECIPE_KEYS:
+        own, value = recipe.get(key, DEFAULTS.get(key)), getattr(config, key)
+        if key in ("milestones", "adv_milestones"):
+            if config.lr_schedule != "step" or recipe.get("lr_schedule", "step") != "step":
+                continue  # the change of schedule says it
+            own = scale_milestones(_epochs_list(own, key), recipe["epochs"], config.epochs)
+        value, own = (_show(list(v) if isinstance(v, tuple) else v) for v in (value, own))
+        if value != own:
+            changes.append(f"{key} {value} (recipe {own})")
+    return changes
+
+
 # --- resume ------------------------------------------------------------------------------------------
 
 def resume_differences(saved: dict, current: Config) -> tuple[list[str], list[str]]:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from afd_fast import checkpoint, metrics, preemption
-from afd_fast.config import Config, parse as parse_config, resume_differences
+from afd_fast.config import Config, parse as parse_config, recipe_changes, resume_differences
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep
 from afd_fast.data import build_loaders, synthetic_image_folder
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
             trainer.fit()
         finally:
             trainer.close()
-        summary = write_outputs(config, trainer.model, trainer.run.history) if rank == 0 else {}
+        summary = write_outputs(config, trainer.model, trainer.run.history, trainer.loaders) if rank == 0 else {}
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
@@ -507,13 +507,16 @@ def check_finite(loss_sums: dict, step: int, archs: list[str]) -> None:
                                 "the checkpoints keep the last finite state: lower --lr or --adv-lr and --resume")
 
 
-def write_outputs(config, model: AFDModel, history: list[dict]) -> dict:
+def write_outputs(config: Config, model: AFDModel, history: list[dict], loaders) -> dict:
     last = history[-1] if history else {}
     k = len(config.archs)
+    # what the run was (benchmarks/accuracy.py sets a run beside the paper's number only when it matches)
     summary = {"method": config.method, "archs": config.archs, "topology": config.topology,
                "epochs": last.get("epoch", 0), "steps": last.get("step", 0), "global_batch": config.batch_size,
                "batch_per_process": config.batch_per_process, "lr": config.effective_lr, "temperature": config.temperature,
-               "recipe": config.recipe, "lr_schedule": config.lr_schedule, "image_size": config.image_size,
+               "recipe": config.recipe, "recipe_changes": recipe_changes(config), "max_steps": config.max_steps,
+               "lr_schedule": config.lr_schedule, "image_size": config.image_size, "classes": loaders.num_classes,
+               "train_images": loaders.train_size, "pretrained": bool(config.pretrained and any(config.pretrained)),
                "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1),
                **metrics.final_accuracy(history, len(model.trained_networks())), "val_images": last.get("val_images")}
     with open(os.path.join(config.output, "summary.json"), "w") as f:

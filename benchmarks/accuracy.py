@@ -6,18 +6,25 @@
                                                              # 5 seeds x 300 epochs (cifar-paper recipe)
     python benchmarks/accuracy.py --rows "afd:wrn-16-2,wrn-28-2;l1kd-offline:wrn-16-2,wrn-28-2" --data ... --seeds 3
 
-A row is a ``--method`` and its ``--arch`` list; each (row, seed) is one run of afd_fast.train (in
+A row is a ``--method``, its ``--arch`` list and, for DML, the temperature; each (row, seed) is one run of afd_fast.train (in
 this process; ``torchrun`` with ``--nproc-per-node`` > 1) in its own folder under ``--runs``, its log
 ``train.log`` beside it.
 ``l1kd-offline`` rows first train their teacher (the last network, vanilla, same recipe and seed).
 For every row: per-network top-1, their mean and the ensemble's (ONE: its gated ensemble, as the
 paper's "Ens" for ONE) at the end of training, mean ± std over the seeds, next to the paper's
-numbers for the same row (``benchmarks/paper_tables.py``, with their table numbers), and the time
-each run took. Writes JSON, a Markdown table (.md) and a bar chart (.png) with the same stem.
+numbers for the same row (``benchmarks/paper_tables.py``, with their table numbers) where the runs
+match the paper's setting (data set by its classes and size, recipe and its epochs unchanged, the
+networks; ImageNet: pre-trained), else marked not comparable with what differs; and the time each
+run took. Writes JSON, a Markdown table (.md) and a bar chart (.png) with the same stem.
+
+The paper says "T = 3 for every experiment", DML's own paper uses plain softmaxes: the CIFAR presets
+run DML both ways, rows "dml (T=1)" and "dml (T=3)", so the reader sees which reading matches the
+paper's DML numbers.
 
 Presets: cifar100-table1 ... cifar100-table5 (every row of that table; cifar100-table3 is the
-ResNet-32 row alone, cifar100-table3-all every architecture), imagenet-table6 (give the pre-trained
-networks with --train-args "--pretrained a.pt,b.pt").
+ResNet-32 row alone, cifar100-table3-all every architecture), imagenet-table6 (torchvision's pre-trained
+ResNet-18/34, ``--pretrained torchvision`` unless --train-args gives --pretrained; its vanilla row
+evaluates them as they are, without training, which is what the paper's vanilla numbers are).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 
@@ -49,36 +57,66 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _table_rows(table: int) -> list[tuple[str, tuple[str, ...]]]:
+@dataclass(frozen=True)
+class Row:
+    """A row of a table: a method, its networks and the KD temperature (None: the method's default)."""
+
+    method: str
+    archs: tuple[str, ...]
+    temperature: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.temperature is None else f"{self.method} (T={self.temperature:g})"
+
+    @property
+    def folder(self) -> str:
+        t = "" if self.temperature is None else f"_T{self.temperature:g}"
+        return f"{self.method}{t}_{'+'.join(self.archs)}"
+
+
+def _table_rows(table: int) -> list[Row]:
     seen = []
     for r in paper_tables.ROWS:
-        if r.table == table and r.key not in seen:
-            seen.append(r.key)
+        if r.table == table and Row(*r.key) not in seen:
+            seen.append(Row(*r.key))
     return seen
 
 
+def _dml_both_ways(rows: list[Row]) -> list[Row]:
+    """DML at T = 1 (its authors') and T = 3 (the AFD paper's "every experiment")."""
+    return [x for r in rows for x in ((Row(r.method, r.archs, 1.0), Row(r.method, r.archs, 3.0))
+                                      if r.method == "dml" and r.temperature is None else (r,))]
+
+
 PRESETS = {  # name: (rows, recipe)
-    "cifar100-table3": ([(m, ("resnet32",) * 2) for m in ("vanilla", "dml", "one", "afd")], "cifar-paper"),
-    **{f"cifar100-table{t}": (_table_rows(t), "cifar-paper") for t in (1, 2, 4, 5)},
-    "cifar100-table3-all": (_table_rows(3), "cifar-paper"),
+    "cifar100-table3": (_dml_both_ways([Row(m, ("resnet32",) * 2) for m in ("vanilla", "dml", "one", "afd")]),
+                        "cifar-paper"),
+    **{f"cifar100-table{t}": (_dml_both_ways(_table_rows(t)), "cifar-paper") for t in (1, 2, 4, 5)},
+    "cifar100-table3-all": (_dml_both_ways(_table_rows(3)), "cifar-paper"),
     "imagenet-table6": (_table_rows(6), "imagenet-paper"),
+}
+# the paper's settings by data set: what a run must match for its number to stand beside the paper's
+PAPER_SETTINGS = {
+    "CIFAR-100": dict(classes=100, train_images=50_000, recipe="cifar-paper", pretrained=False),
+    "ImageNet": dict(classes=1000, train_images=1_281_167, recipe="imagenet-paper", pretrained=True),
 }
 # --quick: Table 3's ResNet-32 row and Table 1's offline row (its teacher run included) on a tiny
 # synthetic set; it checks the machinery, not an accuracy
 TEACHER_SEED_OFFSET = 1000  # offline rows: the teacher of seed s trains with seed s + this
-QUICK_ROWS = PRESETS["cifar100-table3"][0] + [("l1kd-offline", ("resnet32", "resnet32"))]
+QUICK_ROWS = PRESETS["cifar100-table3"][0] + [Row("l1kd-offline", ("resnet32", "resnet32"))]
 QUICK_TRAIN_ARGS = ["--recipe", "quick", "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--loader", "torch",
                     "--workers", "0", "--print-every", "1000"]
 
 
-def parse_rows(text: str) -> list[tuple[str, tuple[str, ...]]]:
-    """'method:arch,arch;method:arch,arch' -> [(method, (arch, arch)), ...]"""
+def parse_rows(text: str) -> list[Row]:
+    """'method:arch,arch;method:arch,arch' -> [Row(method, (arch, arch)), ...]"""
     rows = []
     for item in filter(None, (part.strip() for part in text.split(";"))):
         method, _, archs = item.partition(":")
         if method not in METHODS or not archs:
             raise SystemExit(f"--rows: {item!r} is not 'method:arch,arch' with a method of {', '.join(METHODS)}")
-        rows.append((method, tuple(a.strip().lower() for a in archs.split(","))))
+        rows.append(Row(method, tuple(a.strip().lower() for a in archs.split(","))))
     return rows
 
 
@@ -88,21 +126,23 @@ class Runner:
     def __init__(self, args, train_args: list[str]):
         self.args, self.train_args = args, train_args
 
-    def train_argv(self, method: str, archs, seed: int, out: str, extra=()) -> list[str]:
-        return ["--method", method, "--arch", ",".join(archs), "--seed", str(seed), "--output", out,
-                "--device", self.args.device, *self.train_args, *extra] + (["--resume", "auto"] if self.args.reuse else [])
+    def train_argv(self, row: Row, seed: int, out: str, extra=()) -> list[str]:
+        temperature = [] if row.temperature is None else ["--temperature", f"{row.temperature:g}"]
+        return ["--method", row.method, "--arch", ",".join(row.archs), *temperature, "--seed", str(seed), "--output",
+                out, "--device", self.args.device, *self.train_args, *extra] + (["--resume", "auto"] if self.args.reuse
+                                                                                else [])
 
-    def train(self, method: str, archs, seed: int, extra=()) -> tuple[dict, float]:
+    def train(self, row: Row, seed: int, extra=()) -> tuple[dict, float]:
         """(summary.json of the run, seconds it took). One process: in this one (no interpreter
         start-up in the time); several: torchrun."""
-        out = os.path.join(self.args.runs, f"{method}_{'+'.join(archs)}", f"seed{seed}")
+        out = os.path.join(self.args.runs, row.folder, f"seed{seed}")
         summary_path = os.path.join(out, "summary.json")
         if self.args.reuse and os.path.isfile(summary_path):
             with open(summary_path) as f:
                 summary = json.load(f)
             return summary, summary.get("benchmark_seconds", float("nan"))
         os.makedirs(out, exist_ok=True)
-        argv = self.train_argv(method, archs, seed, out, extra)
+        argv = self.train_argv(row, seed, out, extra)
         n = self.args.nproc_per_node
         print(f"  {'torchrun --nproc_per_node=%d ' % n if n > 1 else ''}python -m afd_fast.train {shlex.join(argv)}",
               flush=True)
@@ -117,7 +157,8 @@ class Runner:
                 if failed - 128 in (signal.SIGTERM, signal.SIGUSR1):
                     raise TrainingInterrupted(failed - 128)
             else:
-                failed = _train_in_process(argv, log_path)
+                as_they_are = self.args.preset == "imagenet-table6" and row.method == "vanilla" and not self.args.quick
+                failed = _train_in_process(argv, log_path, evaluate_as_they_are if as_they_are else None)
         except TrainingInterrupted as e:
             raise TrainingInterrupted(e.signum, f"{signal_name(e.signum)}: the run in {out} stopped and was "
                                       "checkpointed; the same command with --reuse continues it") from None
@@ -133,34 +174,50 @@ class Runner:
             json.dump(summary, f, indent=2)
         return summary, seconds
 
-    def run_row(self, method: str, archs: tuple[str, ...]) -> list[dict]:
-        runs = []
+    def run_row(self, row: Row) -> list[dict]:
+        method, archs, runs = row.method, row.archs, []
         for seed in range(self.args.seeds):
             extra, teacher_seconds = [], None
             if method_spec(method).frozen_teacher:  # the paper's offline teacher: the last network, trained alone
                 # from another seed: with the student's, a same-architecture teacher starts from the student's
                 # very weights and sees the same batches, which makes the alignment unfairly easy
                 teacher_seed = seed + TEACHER_SEED_OFFSET
-                teacher, teacher_seconds = self.train("vanilla", archs[-1:], teacher_seed)
+                teacher, teacher_seconds = self.train(Row("vanilla", archs[-1:]), teacher_seed)
                 path = os.path.join(self.args.runs, f"vanilla_{archs[-1]}", f"seed{teacher_seed}",
                                     f"network0_{archs[-1]}.pt")
                 extra = ["--pretrained", "," * (len(archs) - 1) + path]
-            summary, seconds = self.train(method, archs, seed, extra)
+            summary, seconds = self.train(row, seed, extra)
             k = len(archs)
             ensemble_key = "gated_ensemble_top1" if method == "one" else "ensemble_top1"
             runs.append({"seed": seed, "seconds": seconds, "teacher_seconds": teacher_seconds,
                          "nets": [summary[f"net{i}_top1"] for i in range(k)], "net_mean": summary["net_mean_top1"],
                          "ensemble": summary[ensemble_key], "mean_softmax_ensemble": summary["ensemble_top1"],
                          "epochs": summary["epochs"], "steps": summary["steps"],
-                         "global_batch": summary.get("global_batch")})
+                         "global_batch": summary.get("global_batch"),
+                         "setting": {k: summary.get(k) for k in SETTING_KEYS}})
         return runs
 
 
-def _train_in_process(argv: list[str], log_path: str):
-    """afd_fast.train.main(argv) with its output in log_path; what went wrong, or None."""
+def evaluate_as_they_are(argv: list[str]) -> dict:
+    """The networks as --pretrained gives them, evaluated without a training step, summary.json as a
+    run writes it: Table 6's vanilla row (the paper's vanilla numbers are the pre-trained ResNets)."""
+    from afd_fast import metrics
+    from afd_fast.config import parse as parse_config
+
+    config = parse_config(argv)
+    device = torch.device(config.device)
+    loaders = train.build_data(config, 0, 1, device)
+    model, step, _, _ = train.build_training(config, loaders.num_classes, 1, device, loaders.steps_per_epoch)
+    val = metrics.evaluate(model, loaders.val, device, step.amp_dtype)
+    os.makedirs(config.output, exist_ok=True)
+    return train.write_outputs(config, model, [{"epoch": 0, "step": 0, "img_per_s": 0.0, **val}], loaders)
+
+
+def _train_in_process(argv: list[str], log_path: str, run=None):
+    """afd_fast.train.main(argv) (or ``run(argv)``) with its output in log_path; what went wrong, or None."""
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            train.main(argv)
+            (run or train.main)(argv)
         except TrainingInterrupted:
             raise  # stopped on a signal after checkpointing: not a failure of the run
         except (Exception, SystemExit) as e:  # noqa: BLE001: reported with the run's log
@@ -179,43 +236,91 @@ def mean_std(values: list[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def summarize(method: str, archs, runs: list[dict]) -> dict:
+SETTING_KEYS = ("archs", "classes", "train_images", "recipe", "recipe_changes", "epochs", "max_steps", "pretrained",
+                "temperature")
+
+
+def paper_differences(row: Row, dataset: str, setting: dict) -> list[str]:
+    """What keeps a run from the paper's setting for this row (empty: comparable). ``setting``: the
+    run's summary.json fields SETTING_KEYS."""
+    paper, out = PAPER_SETTINGS[dataset], []
+    if setting.get("classes") is None:
+        return ["the run does not record its setting (a summary.json of an earlier afd_fast)"]
+    if (setting["classes"], setting["train_images"]) != (paper["classes"], paper["train_images"]):
+        out.append(f"data {setting['classes']} classes / {setting['train_images']} training images (paper: {dataset}, "
+                   f"{paper['classes']} / {paper['train_images']})")
+    if tuple(setting["archs"]) != tuple(row.archs):
+        out.append(f"networks {', '.join(setting['archs'])} (paper: {', '.join(row.archs)})")
+    if setting["recipe"] != paper["recipe"]:
+        out.append(f"recipe {setting['recipe']} (paper: {paper['recipe']})")
+    if setting["recipe_changes"]:
+        out.append(f"changed from the recipe: {', '.join(setting['recipe_changes'])}")
+    if setting["max_steps"] is not None:
+        out.append(f"cut short by --max-steps {setting['max_steps']} ({setting['epochs']} epochs trained)")
+    if setting["pretrained"] != paper["pretrained"]:
+        out.append("networks from scratch (paper: pre-trained)" if paper["pretrained"] else
+                   "pre-trained networks (paper: from scratch)")
+    if row.method != "dml" and setting["temperature"] != 3.0:  # DML rows: both readings are labelled
+        out.append(f"T {setting['temperature']:g} (paper: 3)")
+    return out
+
+
+def summarize(row: Row, runs: list[dict]) -> dict:
+    method, archs = row.method, row.archs
     paper = paper_tables.lookup(method, archs)
     first = paper[0] if paper else None
     paper_mean, derived = first.paper_mean() if first else (None, False)
-    return {"method": method, "archs": list(archs), "runs": runs,
+    differences = [] if first is None else list(dict.fromkeys(
+        d for r in runs for d in paper_differences(row, first.dataset, r["setting"])))
+    return {"method": method, "label": row.label, "temperature": row.temperature, "archs": list(archs), "runs": runs,
             "nets": [mean_std([r["nets"][i] for r in runs]) for i in range(len(archs))],
             "net_mean": mean_std([r["net_mean"] for r in runs]), "ensemble": mean_std([r["ensemble"] for r in runs]),
             "seconds": mean_std([r["seconds"] for r in runs]),
+            "comparable": first is not None and not differences, "differences": differences,
             "paper": None if first is None else {
                 "tables": [r.table for r in paper], "dataset": first.dataset, "nets": list(first.nets),
                 "net_mean": paper_mean, "net_mean_derived": derived, "ensemble": first.ensemble}}
+
+
+def _shown_paper(r: dict) -> dict:
+    """The paper's numbers to print beside the row: only where the runs match the paper's setting."""
+    return (r["paper"] or {}) if r["comparable"] else {}
+
+
+def _versus(r: dict) -> str:
+    if r["paper"] is None:
+        return "no paper row"
+    return "same setting" if r["comparable"] else "not comparable: " + "; ".join(r["differences"])
 
 
 def _fmt(stat: dict) -> str:
     return "—" if stat["mean"] is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
-def _paper(value, derived=False) -> str:
+def _paper(value, derived=False, comparable=True) -> str:
+    if not comparable:
+        return "n/c"
     return "—" if value is None else f"{value:.2f}{'*' if derived else ''}"
 
 
 def markdown(rows: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
              "Top-1 (%) at the end of training, mean ± std over the seeds; *paper*: the AFD paper's number for the "
-             "same row (its table in the first column; CIFAR-100 numbers are means of 5 runs). Ensemble: mean of the "
+             "same row (its table in the first column; CIFAR-100 numbers are means of 5 runs), shown only where the "
+             "runs match the paper's setting (n/c: not comparable, the last column says why). Ensemble: mean of the "
              "softmaxes (ONE: its gated ensemble, as in the paper).", "",
-             "| table | method | networks | per network | paper | net mean | paper | ensemble | paper | runs | s/run |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| table | method | networks | per network | paper | net mean | paper | ensemble | paper | runs | s/run | "
+             "vs paper |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        p = r["paper"] or {}
+        p, ok = r["paper"] or {}, r["comparable"]
         nets = " / ".join(_fmt(s) for s in r["nets"])
-        paper_nets = " / ".join(_paper(v) for v in p.get("nets", [])) or "—"
+        paper_nets = " / ".join(_paper(v, comparable=ok) for v in p.get("nets", [])) or "—"
         tables = ", ".join(str(t) for t in p.get("tables", [])) or "—"
-        lines.append(f"| {tables} | {r['method']} | {', '.join(r['archs'])} | {nets} | {paper_nets} | "
-                     f"{_fmt(r['net_mean'])} | {_paper(p.get('net_mean'), p.get('net_mean_derived'))} | "
-                     f"{_fmt(r['ensemble'])} | {_paper(p.get('ensemble'))} | {r['net_mean']['n']} | "
-                     f"{r['seconds']['mean']:.0f} |")
+        lines.append(f"| {tables} | {r['label']} | {', '.join(r['archs'])} | {nets} | {paper_nets} | "
+                     f"{_fmt(r['net_mean'])} | {_paper(p.get('net_mean'), p.get('net_mean_derived'), ok)} | "
+                     f"{_fmt(r['ensemble'])} | {_paper(p.get('ensemble'), comparable=ok)} | {r['net_mean']['n']} | "
+                     f"{r['seconds']['mean']:.0f} | {_versus(r)} |")
     lines += ["", "\\* mean of the paper's per-network numbers (the table prints those, not their mean)."]
     return "\n".join(lines) + "\n"
 
@@ -227,7 +332,7 @@ def draw(rows: list[dict], title: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) + 2), 4.5))
     width = 0.38
     for i, r in enumerate(rows):
-        p = r["paper"] or {}
+        p = _shown_paper(r)
         for offset, key, paper_value, color in ((-width / 2, "net_mean", p.get("net_mean"), "tab:blue"),
                                                 (width / 2, "ensemble", p.get("ensemble"), "tab:orange")):
             stat = r[key]
@@ -236,10 +341,10 @@ def draw(rows: list[dict], title: str, path: str) -> None:
                        label=("net mean" if key == "net_mean" else "ensemble") if i == 0 else None)
             if paper_value is not None:
                 ax.plot(i + offset, paper_value, "kD", markersize=6, label="paper" if i == 0 and key == "net_mean" else None)
-    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{'+'.join(r['archs'])}" for r in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{r['label']}\n{'+'.join(r['archs'])}" for r in rows], fontsize=8)
     ax.set(ylabel="top-1 (%)", title=title)
     means = [v for r in rows for v in (r["net_mean"]["mean"], r["ensemble"]["mean"],
-                                       (r["paper"] or {}).get("net_mean"), (r["paper"] or {}).get("ensemble"))
+                                       _shown_paper(r).get("net_mean"), _shown_paper(r).get("ensemble"))
              if v is not None]
     if means:
         ax.set_ylim(max(0, min(means) - 10), min(100, max(means) + 5))
@@ -277,10 +382,10 @@ def main(argv=None) -> dict:
         rows = QUICK_ROWS
     if not rows:
         parser.error("give --preset, --rows or --quick")
-    for method, archs in rows:
-        problem = architecture_problem(method, list(archs))
+    for row in rows:
+        problem = architecture_problem(row.method, list(row.archs))
         if problem:
-            parser.error(f"row {method}:{','.join(archs)}: {problem}")
+            parser.error(f"row {row.method}:{','.join(row.archs)}: {problem}")
     args.seeds = args.seeds or (2 if args.quick else 5)
     train_args = []
     if args.quick:
@@ -294,6 +399,8 @@ def main(argv=None) -> dict:
         parser.error("--data is needed (the CIFAR-100 folder for the cifar100 presets, ImageNet for imagenet-table6)")
     else:
         train_args += ["--data", args.data] + (["--recipe", recipe] if recipe else [])
+    if args.preset == "imagenet-table6" and "--pretrained" not in args.train_args:
+        train_args += ["--pretrained", "torchvision"]  # the paper fine-tunes torchvision's ImageNet ResNets
     train_args += shlex.split(args.train_args)
     args.runs = args.runs or os.path.join(ROOT, "runs", "accuracy", name)
 
@@ -303,18 +410,21 @@ def main(argv=None) -> dict:
           f"{common.machine_name(info)}, runs in {args.runs}", flush=True)
     runner = Runner(args, train_args)
     results = []
-    for method, archs in rows:
-        results.append(summarize(method, archs, runner.run_row(method, archs)))
+    for row in rows:
+        results.append(summarize(row, runner.run_row(row)))
 
     table = []
     for r in results:
-        p = r["paper"] or {}
-        table.append([",".join(str(t) for t in p.get("tables", [])) or "-", r["method"], "+".join(r["archs"]),
+        p, ok = r["paper"] or {}, r["comparable"]
+        table.append([",".join(str(t) for t in p.get("tables", [])) or "-", r["label"], "+".join(r["archs"]),
                       " / ".join(_fmt(s) for s in r["nets"]), _fmt(r["net_mean"]),
-                      _paper(p.get("net_mean"), p.get("net_mean_derived")), _fmt(r["ensemble"]),
-                      _paper(p.get("ensemble")), f"{r['seconds']['mean']:.0f}"])
+                      _paper(p.get("net_mean"), p.get("net_mean_derived"), ok), _fmt(r["ensemble"]),
+                      _paper(p.get("ensemble"), comparable=ok), f"{r['seconds']['mean']:.0f}"])
     common.print_table(["table", "method", "networks", "per network", "net mean", "paper", "ensemble", "paper",
                         "s/run"], table)
+    for r in results:
+        if r["paper"] is not None and not r["comparable"]:
+            print(f"{r['label']} {'+'.join(r['archs'])}: {_versus(r)}")
 
     out = args.output or os.path.join(HERE, "results", f"accuracy-{name}-{device.type}.json")
     title = f"afd_fast accuracy ({name}, {args.seeds} seeds) on {common.machine_name(info)}"

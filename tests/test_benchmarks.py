@@ -66,15 +66,23 @@ def test_gpu_check_script_parses():
 
 
 @pytest.mark.slow
-def test_accuracy_benchmark_quick_writes_the_table_beside_the_papers_numbers(tmp_path):
+def test_accuracy_benchmark_quick_writes_the_table_and_marks_what_is_not_the_papers_setting(tmp_path):
     pytest.importorskip("matplotlib")
     payload, stdout, out = _run("accuracy", tmp_path, "--quick", "--runs", str(tmp_path / "runs"))
-    rows = {(r["method"], tuple(r["archs"])): r for r in payload["rows"]}
-    assert {m for m, _ in rows} == {"vanilla", "dml", "one", "afd", "l1kd-offline"}
+    rows = {(r["label"], tuple(r["archs"])): r for r in payload["rows"]}
+    assert {r["method"] for r in payload["rows"]} == {"vanilla", "dml", "one", "afd", "l1kd-offline"}
     for r in payload["rows"]:
         assert len(r["runs"]) == 2 and r["net_mean"]["n"] == 2 and r["seconds"]["mean"] > 0
         assert all(0 <= run["net_mean"] <= 100 and 0 <= run["ensemble"] <= 100 for run in r["runs"])
         assert r["paper"]["tables"]
+        # 1 step-capped epoch of the quick recipe on 4 synthetic classes is not the paper's CIFAR-100 run
+        assert not r["comparable"] and r["differences"][:2] == [
+            "data 4 classes / 64 training images (paper: CIFAR-100, 100 / 50000)", "recipe quick (paper: cifar-paper)"]
+    # DML both ways: its authors' T = 1 and the AFD paper's T = 3, each labelled, each beside the same paper row
+    for t in (1, 3):
+        dml = rows[(f"dml (T={t})", ("resnet32", "resnet32"))]
+        assert dml["temperature"] == t and all(run["setting"]["temperature"] == t for run in dml["runs"])
+        assert (tmp_path / "runs" / f"dml_T{t}_resnet32+resnet32" / "seed1").is_dir()
     afd_row = rows[("afd", ("resnet32", "resnet32"))]["paper"]
     assert (afd_row["tables"], afd_row["net_mean"], afd_row["ensemble"]) == ([1, 2, 3], 74.03, 75.64)
     offline = rows[("l1kd-offline", ("resnet32", "resnet32"))]
@@ -83,8 +91,33 @@ def test_accuracy_benchmark_quick_writes_the_table_beside_the_papers_numbers(tmp
     assert offline["paper"]["net_mean"] == 71.91 and all(run["net_mean"] == run["nets"][0] for run in offline["runs"])
     assert (tmp_path / "runs" / "vanilla_resnet32" / "seed1000").is_dir()
     table = out.with_suffix(".md").read_text()
-    assert "| 3 | one | resnet32, resnet32 |" in table and "| 72.61 |" in table and "| 74.07 |" in table
-    assert "74.03" in stdout and os.path.getsize(out.with_suffix(".png")) > 10_000
+    assert "| 3 | one | resnet32, resnet32 |" in table
+    assert "| dml (T=1) | resnet32, resnet32 |" in table and "| dml (T=3) | resnet32, resnet32 |" in table
+    assert "72.61" not in table and "74.03" not in table and "| n/c |" in table  # the paper's numbers only alike
+    assert "not comparable: data 4 classes / 64 training images" in table
+    assert "74.03" not in stdout and "not comparable" in stdout and os.path.getsize(out.with_suffix(".png")) > 10_000
+
+
+def test_accuracy_rows_are_comparable_only_in_the_papers_setting():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import accuracy
+
+    row = accuracy.Row("afd", ("resnet32", "resnet32"))
+    paper = dict(archs=["resnet32", "resnet32"], classes=100, train_images=50_000, recipe="cifar-paper",
+                 recipe_changes=[], epochs=300, max_steps=None, pretrained=False, temperature=3.0)
+    assert accuracy.paper_differences(row, "CIFAR-100", paper) == []
+    assert accuracy.paper_differences(row, "CIFAR-100", {**paper, "recipe_changes": ["epochs 30 (recipe 300)"]}) == [
+        "changed from the recipe: epochs 30 (recipe 300)"]
+    assert accuracy.paper_differences(row, "CIFAR-100", {**paper, "classes": 10}) == [
+        "data 10 classes / 50000 training images (paper: CIFAR-100, 100 / 50000)"]
+    assert accuracy.paper_differences(row, "CIFAR-100", {**paper, "temperature": 1.0}) == ["T 1 (paper: 3)"]
+    assert accuracy.paper_differences(accuracy.Row("dml", row.archs, 1.0), "CIFAR-100",
+                                      {**paper, "temperature": 1.0}) == []  # DML: both readings
+    imagenet = {**paper, "archs": ["resnet18", "resnet34"], "classes": 1000, "train_images": 1_281_167,
+                "recipe": "imagenet-paper", "epochs": 30}
+    six = accuracy.Row("afd", ("resnet18", "resnet34"))
+    assert accuracy.paper_differences(six, "ImageNet", {**imagenet, "pretrained": True}) == []
+    assert accuracy.paper_differences(six, "ImageNet", imagenet) == ["networks from scratch (paper: pre-trained)"]
 
 
 def test_paper_tables_are_typed_in_consistently():
