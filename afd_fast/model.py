@@ -183,7 +183,7 @@ class AFDModel(nn.Module):
         out["logit"] = logit_loss
         if spec.adversarial:
             # One D_k forward on the own (not detached) map serves L_G and L_D: each gradient set is
-            # taken only w.r.t. its own parameters (DESIGN §4).
+            # taken only w.r.t. its own parameters (docs/design.md §2).
             d_own = torch.stack([d(t[i]) for i, d in enumerate(self.discriminators)])
             d_peer = torch.stack([d(t[teacher[i]].detach()) for i, d in enumerate(self.discriminators)])
             g_loss, d_loss = losses.lsgan_loss(d_own, d_peer)

@@ -36,7 +36,7 @@ TOPOLOGIES = ("pair", "cyclic", "dml", "ensemble")
 
 
 def peer_weights(topology: str, num_networks: int, device=None) -> torch.Tensor:
-    """Peer-weight matrix W ``[K, M]`` of a topology (DESIGN §1).
+    """Peer-weight matrix W ``[K, M]`` of a topology (docs/design.md §1).
 
     ``pair`` (K = 2): each network learns from the other. ``cyclic``: network k learns from k-1
     (1→2, …, K→1). ``dml``: 1/(K-1) from every other network. ``ensemble``: one teacher-only row
@@ -113,7 +113,7 @@ def lsgan_loss(
         ``(g_loss, d_loss)``, each ``[K]`` float32 (float64 for float64 scores):
         ``g_loss[k] = mean_b (real - σ(own))²`` and
         ``d_loss[k] = mean_b [(real - σ(peer))² + (σ(own) - fake)²]``. Both are differentiable
-        w.r.t. both inputs; take each gradient set w.r.t. its own parameters (DESIGN §4).
+        w.r.t. both inputs; take each gradient set w.r.t. its own parameters (docs/design.md §2).
     """
     if not HAS_EXTENSION:
         return reference.lsgan_loss(d_own, d_peer, real_label, fake_label)
@@ -129,7 +129,7 @@ def register_fake_and_autograd(namespace: str = "afd_fast") -> None:
     ``torch.ops.<namespace>``; called once at import for ``afd_fast``.
 
     The namespace is the one documented hook of this module: the CPU emulation of the CUDA kernels
-    (tests/cuda_emu, see docs/design.md "The CUDA emulation") registers them as ``afd_fast_emu``
+    (tests/cuda_emu, docs/design.md §5) registers them as ``afd_fast_emu``
     with the same schemas and calls this for that library, so that the emulated kernels run
     through the very autograd formulas and fake kernels users get, not a copy of them."""
     lib = getattr(torch.ops, namespace)

@@ -18,7 +18,7 @@ def mutual_distillation_loss(
     kd_weight: float = 1.0,
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-network logit loss of online distillation (DESIGN §1).
+    """Per-network logit loss of online distillation (docs/design.md §1).
 
     ``logits`` is ``[M, B, C]``: rows ``0..K-1`` are the students, rows ``K..M-1`` teacher-only.
     ``peer_weights`` is ``[K, M]``. Returns ``(loss, ce, kl)``, each ``[K]`` float32, with

@@ -1,7 +1,7 @@
 // Per-element math of the fused losses, shared by the CPU kernels (ops_cpu.cpp) and the CUDA
 // kernels (cuda/ops_cuda.cu), so the CPU tests exercise exactly the formulas the GPU runs.
 //
-// Notation (DESIGN.md §1): z_m = logits of row m for one sample, T = temperature,
+// Notation (docs/design.md §1, §4): z_m = logits of row m for one sample, T = temperature,
 // p_m = softmax(z_m), q_m = softmax(z_m / T), W = peer weights [K, M].
 //   CE_k       = lse(z_k) - (1 - eps) z_k[y] - eps * mean_c z_k[c]          (label smoothing eps)
 //   KL_k       = sum_j W[k, j] sum_c q_j[c] (log q_j[c] - log q_k[c])

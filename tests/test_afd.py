@@ -45,7 +45,7 @@ def test_plain_state_dict_loads_into_torchvision():
 
 
 def _handwritten_step(model, images, target, lr, adv_lr):
-    """DESIGN §1 spelled out with the reference losses and autograd.grad."""
+    """docs/design.md §1 spelled out with the reference losses and autograd.grad."""
     k = len(model.networks)
     t_ = model.temperature
     maps, logits = zip(*(n(images) for n in model.networks))
