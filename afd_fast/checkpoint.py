@@ -12,11 +12,13 @@ Files in the output folder (``--output``):
 **Format.** A ``torch.save`` zip archive of a dict with ``"format": "afd_fast.checkpoint"`` and
 ``"version": 2``; everything is read back with ``weights_only=True``. Version 1 (no ``format`` key:
 epoch-end checkpoints of earlier afd_fast) is upgraded on load; a newer version is refused. Keys:
-``model``, ``optimizers`` (with the fp16 loss scale), ``schedules``, the position ``epoch`` (the
+``model``, ``optimizers`` (with the fp16 loss scale), the position ``epoch`` (the
 epoch in progress, or the next one when ``batch`` is 0), ``batch`` (batches done in it), ``step``,
-the layout that fixes what a batch is (``world_size``, ``batch_size``, ``steps_per_epoch``),
-``best``, ``history`` (the epoch records), ``ranks`` (per process: every RNG state, the batch-norm
-buffers, the epoch's running loss sums, the data loader's state), ``args`` and ``reason``.
+the layout that fixes what a batch is (``world_size``, ``batch_size`` per process, ``steps_per_epoch``,
+``loader_backend``), ``best``, ``history`` (the epoch records), ``ranks`` (per process: every RNG state,
+the batch-norm buffers, the epoch's running loss sums, the data loader's state), ``config`` (the
+resolved settings, :meth:`afd_fast.config.Config.settings`; no schedule state: the rates are a
+function of the configuration and the step) and ``reason``.
 
 **Durable writes.** The state is copied to host memory (the only pause of training), then written
 by a background thread: to ``<file>.tmp.<pid>`` in the same folder, flushed and fsynced, the
