@@ -10,13 +10,28 @@ sets, their averaging across processes, the three optimizer steps and the fp16 l
 (batch-norm statistics update inside it too). From then on each call copies the batch into the
 buffers and replays the graph. Learning rates live in device tensors that the schedules update in
 place, so a graph never needs re-capture for them; a batch of another shape or dtype re-captures.
+A step that goes round several turns (DML updates one network per step, in turn: ``turn``) gets
+one graph per turn, each warmed up and captured on its own first calls; each has its own memory
+pool and static buffers.
 """
 from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class _Captured:
+    """One captured step: its graph, the static buffers its kernels read the batch from, and the
+    outputs its replays write."""
+
+    graph: torch.cuda.CUDAGraph
+    images: torch.Tensor
+    target: torch.Tensor
+    out: dict
 
 
 class GraphedStep:
@@ -24,58 +39,61 @@ class GraphedStep:
         self.step = step
         self.warmup = warmup
         self.stream = torch.cuda.Stream()
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[int, _Captured] = {}  # by turn (DML: one graph per network it updates)
         self.signature = None
-        self.eager_left = warmup
+        self.eager_left: dict[int, int] = {}
         self.captures = 0  # how many graphs were captured (re-capture only when the batch changes)
         self.disabled = False  # capture failed: eager steps from then on
 
-    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, target: torch.Tensor, turn: int = 0) -> dict[str, torch.Tensor]:
         if self.disabled:
-            return self.step(images, target)
+            return self.step(images, target, turn)
         signature = (images.shape, images.dtype, images.stride(), target.shape, target.dtype)
         if signature != self.signature:
-            self.signature, self.graph, self.eager_left = signature, None, self.warmup
-        if self.graph is None and self.eager_left > 0:
-            self.eager_left -= 1
-            return self._on_side_stream(images, target)
-        if self.graph is None:
+            self.signature, self.graphs, self.eager_left = signature, {}, {}
+        captured = self.graphs.get(turn)
+        if captured is None:
+            left = self.eager_left.get(turn, self.warmup)
+            if left > 0:
+                self.eager_left[turn] = left - 1
+                return self._on_side_stream(images, target, turn)
             try:
-                self._capture(images, target)
+                captured = self.graphs[turn] = self._capture(images, target, turn)
             except RuntimeError as e:  # e.g. an op that syncs with the host; nothing of the step ran
                 print(f"afd_fast: CUDA graph capture failed, training continues with eager steps "
                       f"(--no-cuda-graph hides this): {e}", file=sys.stderr)
-                self.disabled, self.graph = True, None
-                return self.step(images, target)
-        self.static_images.copy_(images, non_blocking=True)
-        self.static_target.copy_(target, non_blocking=True)
-        self.graph.replay()
-        return self.static_out
+                self.disabled, self.graphs = True, {}
+                return self.step(images, target, turn)
+        captured.images.copy_(images, non_blocking=True)
+        captured.target.copy_(target, non_blocking=True)
+        captured.graph.replay()
+        return captured.out
 
-    def _on_side_stream(self, images, target):
+    def _on_side_stream(self, images, target, turn):
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream), warnings.catch_warnings():
             # optimizers built for capture warn when they run uncaptured: these steps are meant to
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            out = self.step(images, target)
+            out = self.step(images, target, turn)
         torch.cuda.current_stream().wait_stream(self.stream)
         return out
 
-    def _capture(self, images, target):
-        self.static_images = torch.empty_like(images, memory_format=torch.preserve_format)
-        self.static_target = torch.empty_like(target)
+    def _capture(self, images, target, turn) -> _Captured:
+        static_images = torch.empty_like(images, memory_format=torch.preserve_format)
+        static_target = torch.empty_like(target)
         torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         caller_stream, pool = torch.cuda.current_stream(), torch.cuda.graph_pool_handle()
         try:
             # Capturing records kernels without running them: the step happens at the first replay.
             # thread_local: CUDA calls of other threads (DALI, pin-memory) may go on meanwhile.
-            with torch.cuda.graph(self.graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
-                self.static_out = self.step(self.static_images, self.static_target)
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
+                out = self.step(static_images, static_target, turn)
         except RuntimeError:
             _abandon_capture(caller_stream, pool)
             raise
         self.captures += 1
+        return _Captured(graph, static_images, static_target, out)
 
 
 def _abandon_capture(caller_stream: torch.cuda.Stream, pool) -> None:

@@ -23,7 +23,7 @@ class MethodSpec:
     # "ensemble" (the mean logits), "gated" (ONE's gated ensemble), "teacher" (the last network) or "none"
     weights: str
     temperature: float = 3.0  # default T: the AFD paper's (and ONE's) 3; DML's paper uses plain softmaxes
-    sequential: bool = False  # DML: network k steps, then network k+1's loss sees k's updated prediction
+    sequential: bool = False  # DML: each step updates one network, in turn, on its own batch
     shared_low_layers: bool = False  # ONE: branches on network 0's low layers, plus a gate
     frozen_teacher: bool = False  # offline: the last network is a pre-trained teacher and never trains
 

@@ -44,11 +44,17 @@ class Discriminator(nn.Module):
         return self.conv2(x).flatten()
 
 
-def transfer_layer(cin: int, cout: int) -> nn.Module:
-    """Conv1x1-BN-ReLU to the common channel count; identity where the count already matches."""
-    if cin == cout:
-        return nn.Identity()
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=False))
+def transfer_layer(cin: int, cout: int, size: tuple[int, int] | None = None,
+                   common_size: tuple[int, int] | None = None) -> nn.Module:
+    """A map of ``cin`` channels and spatial ``size`` to the common shape: adaptive average pooling to
+    ``common_size`` where the sizes differ (first: the convolution then runs on the smaller map), then
+    Conv1x1-BN-ReLU to ``cout`` channels where the counts differ; identity where both already match."""
+    layers = []
+    if size is not None and common_size is not None and tuple(size) != tuple(common_size):
+        layers.append(nn.AdaptiveAvgPool2d(tuple(common_size)))
+    if cin != cout:
+        layers += [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=False)]
+    return nn.Sequential(*layers) if layers else nn.Identity()
 
 
 class AFDModel(nn.Module):
@@ -90,14 +96,15 @@ class AFDModel(nn.Module):
         self.transfers = nn.ModuleList()
         self.discriminators = nn.ModuleList()
         if spec.adversarial or spec.l1:
+            # the shapes the networks really produce (one forward on fake tensors)
             shapes = [probe_shape(n.features, n, image_size) for n in networks]
-            if len({s[1:] for s in shapes}) > 1:
-                raise ValueError(f"feature maps of the networks differ in spatial size: {shapes}")
-            # online: every map to the largest channel count; offline: the students' maps to the teacher's
+            # online: every map to the largest channel count; offline: the students' maps to the teacher's;
+            # space: every map pooled to the smallest height and width (the teacher's too: no parameters)
             common = shapes[-1][0] if spec.frozen_teacher else max(s[0] for s in shapes)
-            self.transfers.extend(transfer_layer(s[0], common) for s in shapes)
+            space = (min(s[1] for s in shapes), min(s[2] for s in shapes))
+            self.transfers.extend(transfer_layer(s[0], common, s[1:], space) for s in shapes)
             if spec.adversarial:
-                self.discriminators.extend(Discriminator(common, *shapes[0][1:]) for _ in networks)
+                self.discriminators.extend(Discriminator(common, *space) for _ in networks)
         self.gate = Gate(probe_shape(networks[0].low_level, networks[0], image_size)[0], k) if spec.weights == "gated" else None
         if spec.frozen_teacher:
             self.networks[-1].requires_grad_(False)

@@ -112,9 +112,9 @@ class LossScale:
 
 class DualStep:
     """Single forward, dual (triple) optimizer step: SGD on the logit loss, Adam on L_G, Adam on L_D.
-    For DML (``spec.sequential``) the networks' SGD steps follow one another instead
-    (:meth:`_sequential_step`), in the same optimizer (steps after the first see gradients of one
-    network only), so schedules, checkpoints and CUDA-graph capture treat it as every other method.
+    For DML (``spec.sequential``) a step updates one network instead, in turn (:meth:`_dml_update`),
+    in the same optimizer (each step sees gradients of one network only: the same as one optimizer
+    per network), so schedules and checkpoints treat it as every other method.
 
     ``average_gradients`` (e.g. an all-reduce across processes) is applied to every gradient set
     before any optimizer steps, since ``autograd.grad`` bypasses DDP's hooks.
@@ -167,9 +167,21 @@ class DualStep:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None, cache_enabled=False)
 
-    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def turns(self) -> int:
+        """How many different steps this one goes round: K for DML (one network per step, in turn),
+        1 for every other method (each step updates every network)."""
+        return len(self.model.networks) if self.model.spec.sequential else 1
+
+    def turn_of(self, step_index: int) -> int:
+        """The turn of the training step with this global index (0-based): the network DML updates."""
+        return step_index % self.turns
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor, turn: int = 0) -> dict[str, torch.Tensor]:
+        """One training step on this batch; ``turn`` (DML: the network to update, see
+        :meth:`turn_of`) is ignored by the methods that update every network at every step."""
         if self.model.spec.sequential:
-            return self._sequential_step(images, target)
+            return self._dml_update(images, target, turn)
         with self._autocast():
             losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
@@ -188,42 +200,40 @@ class DualStep:
             self.loss_scale.update(found_infs)
         return losses
 
-    def _sequential_step(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """DML as its authors define it (Zhang et al., 2018, Algorithm 1), for K networks in turn:
-        network k takes an SGD step on CE + T² · mean_{j≠k} KL(p_j || p_k) towards the others'
-        current predictions, then its prediction is recomputed with the updated weights, so the
-        networks after it learn from that. Network k's own forward is the one of the step's start
-        (its weights have not changed before its turn); the recomputation needs no graph, and its
-        batch norm normalises with the batch without counting it a second time."""
+    def _dml_update(self, images: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """DML as its authors' code runs it (Zhang et al., 2018): each step updates ONE network, k, on
+        its own batch: a forward of every network on it at their current weights, then an SGD step of
+        network k on CE + T² · mean_{j≠k} KL(p_j || p_k) (the peers detached). The steps go round the
+        networks, so an iteration of K updates takes K batches and no network learns from a prediction
+        fitted to the very batch it sees. As in that code, the peers normalise with the batch's
+        statistics (training mode) without changing their running statistics; network k's forward
+        updates its own. The losses of every network on this batch are returned for logging."""
         model, optimizer = self.model, self.optimizers["logit"]
-        losses = model.losses
-        scale = self.loss_scale.scale if self.loss_scale is not None else None
+        student = model.networks[k]
         with self._autocast():
-            logits = [n(images)[1] for n in model.networks]
-        totals, ces, kls, found_infs = [], [], [], []
-        for k, network in enumerate(model.networks):
-            # row 0 the student k, rows 1..K-1 its peers (teachers: the op detaches them)
-            z = torch.stack([logits[k]] + [peer.detach() for j, peer in enumerate(logits) if j != k])
-            loss, ce, kl = losses.mutual_distillation_loss(z, target, model.sequential_weights, model.temperature,
-                                                           label_smoothing=model.label_smoothing)
-            params = list(network.parameters())
-            grads = torch.autograd.grad(loss.sum() if scale is None else loss.sum() * scale, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            if self.average_gradients is not None:
-                self.average_gradients(grads)
-            if self.loss_scale is not None:
-                found_infs += self.loss_scale.unscale_([grads])
-                optimizer.grad_scale, optimizer.found_inf = None, found_infs[-1]
-            _step_with(optimizer, params, grads)  # only network k has gradients: SGD leaves the others alone
-            if k < len(logits) - 1:
-                with torch.no_grad(), self._autocast(), batch_statistics_only(network):
-                    logits[k] = network(images)[1]
-            totals.append(loss.detach())
-            ces.append(ce)
-            kls.append(kl)
+            logits = []
+            for j, network in enumerate(model.networks):
+                if j == k:
+                    logits.append(network(images)[1])
+                else:
+                    with torch.no_grad(), batch_statistics_only(network):
+                        logits.append(network(images)[1])
+            loss, ce, kl = model.losses.mutual_distillation_loss(
+                torch.stack(logits), target, model.peer_weights, model.temperature,
+                label_smoothing=model.label_smoothing)
+        params = list(student.parameters())
+        scale = self.loss_scale.scale if self.loss_scale is not None else None
+        grads = torch.autograd.grad(loss[k] if scale is None else loss[k] * scale, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if self.average_gradients is not None:
+            self.average_gradients(grads)
+        if self.loss_scale is not None:
+            found_infs = self.loss_scale.unscale_([grads])
+            optimizer.grad_scale, optimizer.found_inf = None, found_infs[0]
+        _step_with(optimizer, params, grads)  # only network k has gradients: SGD leaves the others alone
         if self.loss_scale is not None:
             self.loss_scale.update(found_infs)
-        return {"ce": torch.cat(ces), "kl": torch.cat(kls), "logit": torch.cat(totals).sum()}
+        return {"ce": ce, "kl": kl, "logit": loss.detach().sum()}
 
     def state_dict(self) -> dict:
         state = {name: opt.state_dict() for name, opt in self.optimizers.items()}

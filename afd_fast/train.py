@@ -165,7 +165,8 @@ class Trainer:
                 for images, target in loaders.train_epoch(epoch, run.batch, self.loader_state):
                     images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
                     self.rates.apply(run.step)
-                    losses = self.train_step(images, target.to(self.device, non_blocking=True))
+                    turn = self.step.turn_of(run.step)  # DML: the network this step updates
+                    losses = self.train_step(images, target.to(self.device, non_blocking=True), turn)
                     run.count(losses)
                     self.report(losses, images.shape[0])
                     decision = self.control.after_step(run.step)  # a signal? a checkpoint due?
@@ -440,10 +441,8 @@ def build_data(config, rank: int, world: int, device: torch.device):
 
 def build_training(config, num_classes: int, world: int, device: torch.device, steps_per_epoch: int):
     """(model, dual step, the step to call (CUDA graph or eager), the learning rates of each step)."""
-    networks = [build_network(a, num_classes) for a in config.archs]
-    for net, path in zip(networks, config.pretrained or []):
-        if path:  # an empty entry: this network starts fresh
-            net.load_plain_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    pretrained = config.pretrained or [None] * len(config.archs)  # library weights, a file, or "" (fresh)
+    networks = [build_network(a, num_classes, p) for a, p in zip(config.archs, pretrained)]
     model = AFDModel(networks, config.method, config.topology, config.image_size, config.temperature,
                      label_smoothing=config.label_smoothing).to(device)
     model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)

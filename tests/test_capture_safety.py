@@ -75,6 +75,7 @@ from afd_fast.model import AFDModel
 from afd_fast.step import DualStep, LossScale
 from afd_fast.graph import GraphedStep
 from afd_fast.schedule import LearningRates, Schedule
+from afd_fast.models import build_network
 from afd_fast.models.cifar import CifarResNet, WideResNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(afd_fast.__file__)))
@@ -289,7 +290,13 @@ _CHECKER_CODE = {f.__code__ for cls in (_DeviceOps, _HostReads, CaptureChecker)
 
 NETWORKS = {"resnet8": lambda: CifarResNet(8, 10),  # 64 channels
             "wrn10-1": lambda: WideResNet(10, 1, 10),  # 64 channels
-            "wrn10-2": lambda: WideResNet(10, 2, 10)}  # 128 channels: transfer layers
+            "wrn10-2": lambda: WideResNet(10, 2, 10),  # 128 channels: transfer layers
+            # networks of the libraries, split by rule (576 vs 512 channels; timm's 288 vs 512, their 1x1
+            # maps at 8 px beside resnet8's 64x2x2: transfer layers that pool)
+            "mobilenet_v3_small": lambda: build_network("mobilenet_v3_small", 10),
+            "resnet18": lambda: build_network("resnet18", 10),
+            "timm:mobilenetv3_small_050": lambda: build_network("timm:mobilenetv3_small_050", 10),
+            "timm:resnet10t": lambda: build_network("timm:resnet10t", 10)}
 SIZE, BATCH = 8, 4
 
 
@@ -322,6 +329,9 @@ CASES = (
     + [Case(method=m, archs=("resnet8", "resnet8"), channels_last=False) for m in ("afd", "adv-only", "l1", "l1kd")]
     + [Case(archs=("resnet8", "wrn10-1", "resnet8"), topology="cyclic", amp="fp16", batched=True, channels_last=False)]
     + [Case(amp="fp16", batched=True, all_reduce=True)]
+    # your own networks (issue 14): a heterogeneous torchvision pair, a timm pair, both with resnet8
+    + [Case(archs=("mobilenet_v3_small", "resnet18"), amp="bf16"),
+       Case(archs=("timm:mobilenetv3_small_050", "timm:resnet10t", "resnet8"), topology="cyclic", amp="fp16")]
 )
 
 
@@ -463,6 +473,24 @@ def test_step_is_capturable(case, request):
         strangers = checker.outside_storages(trace) - known
         assert not strangers, [op.where() for op in trace
                                if any(a[0] == "tensor" and a[5] in strangers for a in op.args[1:])]
+
+
+@pytest.mark.parametrize("turn", [1, 2])
+def test_every_dml_turn_is_capturable(turn):
+    """DML updates one network per step, in turn; GraphedStep captures one graph per turn. The
+    parametrised test above runs turn 0: the other networks' updates must be capturable too."""
+    class FixedTurn(DualStep):
+        def __call__(self, images, target, _turn=0):
+            return super().__call__(images, target, turn)
+
+    case = Case(method="dml", topology="cyclic", archs=("resnet8", "wrn10-2", "wrn10-1"), amp="fp16")
+    step, images, target = build_step(case, cls=FixedTurn)
+    checker = CaptureChecker()
+    before = run_checked(step, images, target, checker)
+    checker.assert_replayable()
+    after = persistent_state(step, images, target)
+    assert after.keys() == before.keys()
+    assert not [k for k in before if after[k][0] is not before[k][0] or after[k][1] != before[k][1]]
 
 
 @pytest.mark.parametrize("case", [Case(amp="fp16", batched=True), Case(method="kd", topology="cyclic",

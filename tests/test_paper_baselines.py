@@ -28,42 +28,54 @@ def _nets(k, seed=0, depth=8):
 
 # --- DML --------------------------------------------------------------------------------------------
 
-def _handwritten_dml_step(nets, optimizers, images, target, temperature):
-    """Zhang et al. (2018), Algorithm 1, for K networks: network k steps on CE + the mean KL towards
-    the others' current predictions; its prediction is then recomputed with the new weights (batch
-    statistics as in training, the running statistics counted once)."""
+def _handwritten_dml_update(nets, optimizers, k, images, target, temperature):
+    """DML as its authors' code runs it (Deep-Mutual-Learning, train_models.py: one session run per
+    network, each on the next batch of the queue): a forward of every network on this batch in
+    training mode, network k steps on CE + the mean KL towards the others' predictions; only network
+    k's batch-norm running statistics change."""
     t, k_nets = temperature, len(nets)
+    saved = [{name: b.clone() for name, b in net.named_buffers()} for net in nets]
     preds = [n(images)[1] for n in nets]
-    for k, (net, opt) in enumerate(zip(nets, optimizers)):
-        kl = sum(F.kl_div(F.log_softmax(preds[k] / t, 1), F.softmax(preds[j].detach() / t, 1), reduction="batchmean")
-                 for j in range(k_nets) if j != k) / (k_nets - 1)
-        loss = F.cross_entropy(preds[k], target) + t * t * kl
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        saved = {name: b.clone() for name, b in net.named_buffers()}
-        with torch.no_grad():
-            preds[k] = net(images)[1]
-        for name, b in net.named_buffers():
-            b.copy_(saved[name])
+    for j, net in enumerate(nets):
+        if j != k:  # the peers' update ops are not in network k's train op
+            for name, b in net.named_buffers():
+                b.copy_(saved[j][name])
+    kl = sum(F.kl_div(F.log_softmax(preds[k] / t, 1), F.softmax(preds[j].detach() / t, 1), reduction="batchmean")
+             for j in range(k_nets) if j != k) / (k_nets - 1)
+    loss = F.cross_entropy(preds[k], target) + t * t * kl
+    optimizers[k].zero_grad()
+    loss.backward()
+    optimizers[k].step()
 
 
 @pytest.mark.parametrize("k", [2, 3])
-def test_dml_step_equals_handwritten_sequential_dml(k):
+def test_dml_update_equals_handwritten_dml(k):
     nets = [n.double() for n in _nets(k)]
     twins = copy.deepcopy(nets)
     model = AFDModel(nets, method="dml", topology="cyclic", image_size=16)
     assert model.temperature == 1.0  # the DML paper's plain softmaxes
     step = DualStep(model, lr=0.1, weight_decay=1e-4)
+    assert step.turns == k and [step.turn_of(i) for i in range(2 * k + 1)] == [*range(k), *range(k), 0]
     optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for n in twins]
-    for seed in range(2):  # the second step goes through the momentum buffers
-        images, target = _batch(seed=seed)
-        losses = step(images.double(), target)
-        _handwritten_dml_step(twins, optimizers, images.double(), target, 1.0)
-    assert losses["ce"].shape == losses["kl"].shape == (k,)
-    for net, twin in zip(nets, twins):
-        for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    for index in range(2 * k):  # each network twice: the second time through its momentum buffers
+        images, target = _batch(seed=index)  # every update its own batch
+        losses = step(images.double(), target, step.turn_of(index))
+        _handwritten_dml_update(twins, optimizers, step.turn_of(index), images.double(), target, 1.0)
+        assert losses["ce"].shape == losses["kl"].shape == (k,)
+        for net, twin in zip(nets, twins):
+            for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_a_dml_step_updates_one_network_and_leaves_the_peers_running_statistics_alone():
+    nets = [n.double() for n in _nets(3)]
+    model = AFDModel(nets, method="dml")
+    before = copy.deepcopy(model.state_dict())
+    images, target = _batch()
+    DualStep(model, lr=0.1)(images.double(), target, turn=1)
+    changed = {name.split(".")[1] for name, value in model.state_dict().items()
+               if not torch.equal(value, before[name])}
+    assert changed == {"1"}  # parameters and running statistics of network 1 only
 
 
 def test_dml_is_not_the_synchronous_kd_only_step():
@@ -71,12 +83,12 @@ def test_dml_is_not_the_synchronous_kd_only_step():
     dml = AFDModel(nets, method="dml", temperature=3.0)
     sync = AFDModel(copy.deepcopy(nets), method="kd-only", topology="pair", temperature=3.0)
     images, target = _batch()
-    DualStep(dml, lr=0.1)(images.double(), target)
+    DualStep(dml, lr=0.1)(images.double(), target, turn=0)
     DualStep(sync, lr=0.1)(images.double(), target)
     first = [torch.equal(a, b) for a, b in zip(dml.networks[0].parameters(), sync.networks[0].parameters())]
     second = [torch.equal(a, b) for a, b in zip(dml.networks[1].parameters(), sync.networks[1].parameters())]
-    assert all(first)  # network 1 steps first in both, towards the same prediction
-    assert not all(second)  # network 2 learns from network 1's updated prediction in DML only
+    assert all(first)  # network 1's update is the same, towards the same prediction
+    assert not any(second)  # DML leaves network 2 for the next batch; kd-only steps it too
 
 
 def test_dml_temperature_defaults_to_one_and_the_flag_overrides_it():
@@ -272,8 +284,8 @@ def test_learning_rate_scales_only_when_asked():
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["dml", "one", "l1kd-offline"])
 def test_graph_replay_of_the_baselines_trains_as_the_eager_step(method, monkeypatch):
-    """DML's sequential steps (K optimizer steps and K-1 forwards in between), ONE's gate and the frozen
-    teacher replay as one CUDA graph exactly as they run eagerly."""
+    """DML's one-network updates (one graph per network, replayed in turn), ONE's gate and the frozen
+    teacher replay as CUDA graphs exactly as they run eagerly."""
     from afd_fast.graph import GraphedStep
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
@@ -285,11 +297,12 @@ def test_graph_replay_of_the_baselines_trains_as_the_eager_step(method, monkeypa
     graphed = GraphedStep(DualStep(model, lr=0.05, capturable=True), warmup=2)
     eager = DualStep(twin, lr=0.05)
     g = torch.Generator(device="cuda").manual_seed(0)
-    for _ in range(6):
+    for index in range(8):  # DML: 2 warm-up steps and 2 replays per network
         images = torch.randn(16, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, 10, (16,), device="cuda", generator=g)
-        out = {k: v.clone() for k, v in graphed(images, target).items()}
-        torch.testing.assert_close(out["ce"], eager(images, target)["ce"], rtol=1e-5, atol=1e-6)
-    assert graphed.captures == 1 and not graphed.disabled
+        turn = eager.turn_of(index)
+        out = {k: v.clone() for k, v in graphed(images, target, turn).items()}
+        torch.testing.assert_close(out["ce"], eager(images, target, turn)["ce"], rtol=1e-5, atol=1e-6)
+    assert graphed.captures == eager.turns and not graphed.disabled
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

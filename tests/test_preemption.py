@@ -168,6 +168,25 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, tmp_path_factor
 
 
 @pytest.mark.slow
+def test_dml_stopped_mid_epoch_resumes_with_the_next_networks_turn(tmp_path, tmp_path_factory, cifar):
+    """DML updates one network per batch, in turn: a run of three stopped after step 4 (the next
+    update is network 1's, on batch 5) continues bit-identically."""
+    extra = ["--method", "dml", "--arch", "resnet20,resnet20,resnet20", "--epochs", "1"]
+    reference = _reference(tmp_path_factory, cifar, extra)
+    out = tmp_path / "out"
+    argv = _argv(cifar, out, *extra)
+    rc, log = _interrupt(argv, out, 4)
+    assert rc == 128 + signal.SIGTERM, log[-4000:]
+    ckpt = checkpoint.load(str(out / "last.pt"))
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 4, 4)
+    rc, log = _run(argv + ["--resume"], tmp_path / "resumed.log")
+    assert rc == 0, log[-4000:]
+    _assert_same_training(reference, out, k=3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10  # one step per batch: 80 images in batches of 8
+
+
+@pytest.mark.slow
 def test_signal_after_the_last_step_then_resume_still_ends_the_epoch(tmp_path, tmp_path_factory, cifar):
     """A stop agreed after the run's final step: the resumed run evaluates and records that epoch."""
     extra = ["--epochs", "1", "--max-steps", "3"]
