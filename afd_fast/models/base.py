@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -46,13 +48,24 @@ class SplitNetwork(nn.Module):
 
 
 def probe_shape(stage, network: nn.Module, image_size: int) -> tuple[int, ...]:
-    """Shape (without the batch) of what ``stage`` (e.g. ``network.features``) returns for one square
-    image of ``image_size``: a forward of one zero image, in eval mode, without gradients."""
+    """Shape (without the batch) of what ``stage`` (e.g. ``network.features``) returns for square images
+    of ``image_size``: one forward in eval mode on fake tensors (shapes only: no compute, no memory,
+    the network's state untouched)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from afd_fast.errors import ConfigError
+
     was_training = network.training
     network.eval()
+    like = next(network.parameters())
     try:
-        with torch.no_grad():
-            probe = next(network.parameters()).new_zeros(1, 3, image_size, image_size)
+        with FakeTensorMode(allow_non_fake_inputs=True) if not like.is_meta else contextlib.nullcontext(), \
+                torch.no_grad():
+            probe = torch.empty(2, 3, image_size, image_size, dtype=like.dtype, device=like.device)
             return tuple(stage(probe).shape[1:])
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        name = getattr(network, "arch", type(network).__name__)
+        raise ConfigError(f"{name} cannot take {image_size} px images ({type(e).__name__}: {str(e)[:200]}): "
+                          "choose another --image-size") from None
     finally:
         network.train(was_training)
