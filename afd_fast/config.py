@@ -202,7 +202,7 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
         "schedule",
         "Default: the recipe's. A recipe's milestones move with --epochs (x epochs/recipe epochs, to the nearest\n"
         "epoch). --lr-schedule and --warmup-epochs apply to both optimizers.")
-    sched.add_argument("--epochs", type=int)
+    sched.add_argument("--epochs", type=int, help="training epochs (a recipe's milestones move with them)")
     sched.add_argument("--batch-size", type=int, help="the global batch, split evenly over the processes")
     sched.add_argument("--lr-scaling", choices=("none", "linear"),
                        help="linear: the SGD rate times --batch-size / the recipe's batch (the recipes' rates are for "
@@ -224,7 +224,7 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     sched.add_argument("--adv-milestones", metavar="E1,E2,...", help="the same for the Adam rate")
     sched.add_argument("--adv-lr-decay", type=float, help="the Adam step schedule's factor (default 0.1)")
     sched.add_argument("--adv-weight-decay", type=float, help="Adam weight decay (default 0.1, the paper's)")
-    sched.add_argument("--image-size", type=int, help="training crop (pixels)")
+    sched.add_argument("--image-size", type=int, help="training crop, pixels (32 for CIFAR recipes, 224 for ImageNet's)")
 
     data = p.add_argument_group("data loading")
     data.add_argument("--workers", type=int,
@@ -302,6 +302,11 @@ TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: 
 def _checked(key: str, value, source: str):
     """A config or recipe file's value, type-checked against its flag."""
     kind, choices = KINDS[key]
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (isinstance(value, bool) if kind is bool else
           isinstance(value, int) and not isinstance(value, bool) if kind is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
@@ -458,7 +463,7 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
     for key in ("milestones", "adv_milestones"):
         if key in given:
             sched[key] = _epochs_list(given[key], origin(key))
-            if given[key] and sched["lr_schedule"] == "cosine" and sched[key]:
+            if sched[key] and sched["lr_schedule"] == "cosine":
                 raise ConfigError(f"{origin(key)} is for --lr-schedule step; cosine decays every step "
                                   "(leave the milestones out)")
         elif sched["lr_schedule"] == "cosine":

@@ -10,6 +10,7 @@ from afd_fast import reference
 from afd_fast.methods import METHODS, method_spec, peer_of
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep, gradient_sets
+from afd_fast.schedule import LearningRates, Schedule
 from afd_fast.models import NETWORKS, build_network
 
 
@@ -216,10 +217,10 @@ def test_fused_optimizers_with_device_learning_rates_equal_the_default_ones():
 def test_schedules_and_resume_update_device_learning_rates_in_place():
     step = DualStep(_pair(), lr=0.1, adv_lr=1e-3, fused=True)
     rates = {n: o.param_groups[0]["lr"] for n, o in step.optimizers.items()}
-    schedules = [torch.optim.lr_scheduler.MultiStepLR(o, [1], 0.1) for o in step.optimizers.values()]
+    schedules = {"logit": Schedule(0.1, milestones=(1,), epochs=2), "generator": Schedule(1e-3, milestones=(1,), epochs=2),
+                 "discriminator": Schedule(1e-3, milestones=(1,), epochs=2)}
     step(*_batch(4))
-    for s in schedules:
-        s.step()
+    LearningRates(step.optimizers, schedules, steps_per_epoch=1).apply(1)  # the trainer's, after the milestone
     assert float(rates["logit"]) == pytest.approx(0.01, rel=1e-6) and float(rates["generator"]) == pytest.approx(1e-4, rel=1e-6)
     state = step.state_dict()
     other = DualStep(_pair(), lr=0.5, adv_lr=0.5, fused=True)

@@ -188,10 +188,12 @@ def test_shipped_recipes_are_package_files():
 
 def test_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("lr-schedule: cosine\nepochs: 12\nlr: 0.3\narch: [resnet20, wrn-16-2]\nseed: 7\n")
+    path.write_text("lr-schedule: cosine\nepochs: 12\nlr: 0.3\narch: [resnet20, wrn-16-2]\nseed: 7\n"
+                    "weight_decay: 1e-4\n")  # (YAML 1.1 reads 1e-4 as a string: taken as the number)
     c = _config("--config", str(path), "--lr", "0.05")
     assert (c.lr_schedule, c.epochs, c.lr, c.arch, c.seed, c.milestones) == ("cosine", 12, 0.05,
                                                                             ("resnet20", "wrn-16-2"), 7, ())
+    assert c.weight_decay == 1e-4
 
 
 def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path, capsys):
