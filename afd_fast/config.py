@@ -383,7 +383,7 @@ def choose_recipe(data: str | None, archs, pretrained) -> tuple[str, str]:
         return "cifar-paper", "--data holds CIFAR"
     if all(a in CIFAR_NETWORKS for a in archs):
         return "cifar-paper", "--arch names the paper's CIFAR networks"
-    if pretrained:
+    if pretrained and any(pretrained):
         return "imagenet-paper", "an image folder with --pretrained: the paper's fine-tuning of pre-trained networks"
     return "imagenet-scratch", ("an image folder without --pretrained: training from scratch (with --pretrained: "
                                 "imagenet-paper, the paper's fine-tuning)")
