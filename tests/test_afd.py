@@ -11,7 +11,8 @@ from afd_fast.methods import METHODS, method_spec, peer_of
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep, gradient_sets
 from afd_fast.schedule import LearningRates, Schedule
-from afd_fast.models import NETWORKS, build_network
+from afd_fast.models import build_network
+from afd_fast.models.cifar import CIFAR_NETWORKS
 
 
 def _batch(n=6, size=32, classes=10, seed=0):
@@ -19,7 +20,8 @@ def _batch(n=6, size=32, classes=10, seed=0):
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in NETWORKS if not n.startswith("wrn-28")))
+# the CIFAR networks and one torchvision ResNet (every torchvision classifier: tests/test_networks.py)
+@pytest.mark.parametrize("name", sorted(n for n in CIFAR_NETWORKS if not n.startswith("wrn-28")) + ["resnet18"])
 def test_networks_split_into_features_and_head(name):
     size = 64 if name in ("resnet18", "resnet34", "resnet50") else 32
     net = build_network(name, 10)
