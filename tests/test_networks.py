@@ -255,6 +255,18 @@ def test_named_torchvision_weights_and_a_new_head(torch_home, capsys):
     assert got["classifier.3.weight"].shape == (CLASSES, 1024) and got.keys() == state.keys()
 
 
+@pytest.mark.parametrize("classes", [1000, CLASSES])
+def test_weights_that_do_not_fit_are_refused(torch_home, classes):
+    """Strict: a weight file without one of the model's tensors stops the load (with the weights' own
+    class count, and beside a new head)."""
+    state = _place_torchvision_weights(torch_home, "resnet18")
+    del state["layer1.0.conv1.weight"]
+    file, folder = torchvision_weight_file(torchvision.models.ResNet18_Weights.DEFAULT)
+    torch.save(state, os.path.join(folder, file))
+    with pytest.raises(RuntimeError, match="layer1.0.conv1.weight"):
+        build_network("resnet18", classes, "torchvision")
+
+
 def test_googlenet_weights_with_their_auxiliary_heads(torch_home):
     """torchvision's file holds the auxiliary classifiers; its builder drops them after loading."""
     state = _place_torchvision_weights(torch_home, "googlenet", aux=True)
