@@ -107,11 +107,18 @@ __global__ void __launch_bounds__(kThreads)
                                        acc_t* __restrict__ kl_out) {
   using Vec = Pack<scalar_t, VEC>;
   __shared__ acc_t w_smem[MAX_ROWS * MAX_ROWS];
+  __shared__ acc_t weight_sum[MAX_ROWS];  // per student: sum_j W[k, j] (shared: registers are scarce)
   __shared__ acc_t sum_smem[kWarps];
   __shared__ OnlineRowStats<acc_t> stats_smem[kWarps];
   __shared__ bool is_last_block;
 
   for (int i = threadIdx.x; i < p.students * p.rows; i += kThreads) w_smem[i] = weights[i];
+  __syncthreads();
+  if (threadIdx.x < p.students) {
+    acc_t sum = 0;
+    for (int j = 0; j < p.rows; ++j) sum += w_smem[threadIdx.x * p.rows + j];
+    weight_sum[threadIdx.x] = sum;
+  }
   __syncthreads();
 
   // With group == kThreads the grid has exactly B blocks, so the whole block shares b < B and the
@@ -122,9 +129,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t C = p.classes;
 
   if (b < p.batch) {
-    const scalar_t* row_ptr[MAX_ROWS];
-#pragma unroll
-    for (int m = 0; m < MAX_ROWS; ++m) row_ptr[m] = logits + (int64_t(m < p.rows ? m : 0) * p.batch + b) * C;
+    // Row m of this sample starts at row0 + m * row_stride (no per-row pointers: registers).
+    const scalar_t* row0 = logits + b * C;
+    const int64_t row_stride = p.batch * C;
 
     // Pass 1: online statistics of every row.
     OnlineRowStats<acc_t> st[MAX_ROWS];
@@ -134,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int m = 0; m < MAX_ROWS; ++m) {
         if (m >= p.rows) break;
-        const Vec z = *reinterpret_cast<const Vec*>(row_ptr[m] + c0);
+        const Vec z = *reinterpret_cast<const Vec*>(row0 + m * row_stride + c0);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) online_row_stats_add(st[m], static_cast<acc_t>(z.v[v]), p.inv_t);
       }
@@ -151,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
       if (m < p.students && lane == 0) {
         const int64_t y = target[b];
         const bool valid = y >= 0 && y < C;  // no host check on CUDA: a bad index gives NaN
-        const acc_t z_y = valid ? static_cast<acc_t>(row_ptr[m][y]) : acc_t(NAN);
+        const acc_t z_y = valid ? static_cast<acc_t>(row0[m * row_stride + y]) : acc_t(NAN);
         const acc_t mean_z = p.eps == acc_t(0) ? acc_t(0) : s.sum_z / acc_t(C);  // as on the CPU
         ce_ps[m * p.batch + b] = cross_entropy(s.max + ::log(s.sum1), z_y, mean_z, p.eps);
       }
@@ -160,23 +167,17 @@ __global__ void __launch_bounds__(kThreads)
     // Pass 2: KL terms and student gradients, class by class.
     const int64_t y = target[b];
     const acc_t grad_poison = (y >= 0 && y < C) ? acc_t(0) : acc_t(NAN);
-    acc_t kl_acc[MAX_ROWS], weight_sum[MAX_ROWS];
+    acc_t kl_acc[MAX_ROWS];
 #pragma unroll
-    for (int k = 0; k < MAX_ROWS; ++k) {
-      kl_acc[k] = 0;
-      weight_sum[k] = 0;
-      if (k < p.students) {
-        for (int j = 0; j < p.rows; ++j) weight_sum[k] += w_smem[k * p.rows + j];
-      }
-    }
+    for (int k = 0; k < MAX_ROWS; ++k) kl_acc[k] = 0;
     for (int64_t c0 = int64_t(lane) * VEC; c0 < C; c0 += int64_t(p.group) * VEC) {
-      acc_t z[MAX_ROWS][VEC];
+      // The rows stay packed as loaded (16 bytes each, whatever the dtype) and are widened where
+      // used: unpacked to acc_t, 8 rows of bfloat16 would take 64 registers instead of 32.
+      Vec z[MAX_ROWS];
 #pragma unroll
       for (int m = 0; m < MAX_ROWS; ++m) {
         if (m >= p.rows) break;
-        const Vec zv = *reinterpret_cast<const Vec*>(row_ptr[m] + c0);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) z[m][v] = static_cast<acc_t>(zv.v[v]);
+        z[m] = *reinterpret_cast<const Vec*>(row0 + m * row_stride + c0);
       }
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
@@ -184,8 +185,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int m = 0; m < MAX_ROWS; ++m) {
           if (m >= p.rows) break;
-          log_q[m] = log_prob_t(z[m][v], row_max[m], log_sum_t[m], p.inv_t);
-          q[m] = exp_nonpos((z[m][v] - row_max[m]) * p.inv_t) * inv_sum_t[m];
+          const acc_t z_mv = static_cast<acc_t>(z[m].v[v]);
+          log_q[m] = log_prob_t(z_mv, row_max[m], log_sum_t[m], p.inv_t);
+          q[m] = exp_nonpos((z_mv - row_max[m]) * p.inv_t) * inv_sum_t[m];
         }
 #pragma unroll
         for (int k = 0; k < MAX_ROWS; ++k) {
@@ -201,9 +203,10 @@ __global__ void __launch_bounds__(kThreads)
           }
           kl_acc[k] += kl;
           if (grad != nullptr) {
-            const acc_t prob = exp_nonpos(z[k][v] - row_max[k]) * inv_sum1[k];
-            // z[k][v] is not needed any more: it now holds the gradient until the store below.
-            z[k][v] = student_grad(p.scale, prob, q[k], mix, weight_sum[k], c0 + v == y) + grad_poison;
+            const acc_t prob = exp_nonpos(static_cast<acc_t>(z[k].v[v]) - row_max[k]) * inv_sum1[k];
+            // z[k].v[v] is not needed any more: it now holds the gradient until the store below.
+            z[k].v[v] = static_cast<scalar_t>(
+                student_grad(p.scale, prob, q[k], mix, weight_sum[k], c0 + v == y) + grad_poison);
           }
         }
       }
@@ -211,10 +214,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < MAX_ROWS; ++k) {
           if (k >= p.students) break;
-          Vec out;
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) out.v[v] = static_cast<scalar_t>(z[k][v]);
-          *reinterpret_cast<Vec*>(grad + (int64_t(k) * p.batch + b) * C + c0) = out;
+          *reinterpret_cast<Vec*>(grad + (int64_t(k) * p.batch + b) * C + c0) = z[k];
         }
       }
     }
