@@ -9,7 +9,7 @@
 // block to finish reduces the per-sample parts to the batch means in a fixed order, so the result
 // is deterministic and the whole op is one kernel launch (plus a 4-byte memset).
 //
-// Also compiled for the CPU by the test suite: tests/cuda_emu rewrites the `<<<...>>>` launches of
+// Also compiled for the CPU by the test suite: tests/cuda_emu rewrites the kernel launches of
 // this file and serves its CUDA built-ins and the ATen/c10 CUDA headers it includes (cuda_emu.h,
 // tests/cuda_emu/include/), so that tests/test_cuda_emulated.py runs these kernels unmodified.
 // A kernel edit must keep compiling there too: a new built-in or CUDA header needs its stand-in
