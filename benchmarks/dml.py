@@ -123,6 +123,8 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", type=int, default=1, help="starts (network initialisations) averaged over")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated row labels to run (default: all): " + "; ".join(label for label, _, _ in ROWS))
     p.add_argument("--quick", action="store_true", help="6 batches of 8 at 16 px: checks that the table is produced")
     p.add_argument("--output", default=None,
                    help="JSON results (default: benchmarks/results/dml-stability.json, none with --quick)")
@@ -132,7 +134,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     batches, classes = load_batches(args.data, args.batches, args.batch_size, args.image_size, seed=0)
     results = []
-    for label, method, temperature in ROWS:
+    chosen = [r.strip() for r in args.rows.split(",")] if args.rows else [label for label, _, _ in ROWS]
+    unknown = set(chosen) - {label for label, _, _ in ROWS}
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}")
+    for label, method, temperature in (row for row in ROWS if row[0] in chosen):
         start = time.perf_counter()
         curves = [run_row(method, temperature, _pair(args.arch, classes, seed), batches, args.lr)
                   for seed in range(args.seeds)]

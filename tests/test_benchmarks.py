@@ -156,3 +156,20 @@ def test_random_batches_are_fixed_device_tensors():
     assert batches[2][0] is images and not torch.equal(batches[1][0], images)  # reused in turn, no copies
     again = RandomBatches(5, 24, 7, steps=1, dtype=torch.bfloat16, distinct=2, seed=3)
     assert torch.equal(next(iter(again))[0], images)
+
+
+@pytest.mark.skipif(not os.path.isdir(IMAGENETTE), reason="needs ../shared/data/imagenette-mini")
+def test_dml_stability_benchmark_produces_its_table(tmp_path):
+    out = tmp_path / "dml.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "dml.py"), "--quick", "--data", IMAGENETTE,
+                           "--output", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    payload = json.loads(out.read_text())
+    rows = {r["row"]: r for r in payload["results"]}
+    assert list(rows) == ["vanilla", "kd-only T=1", "kd-only T=3", "dml T=1", "dml T=3",
+                          "same-batch recomputed DML T=1 (old)"]
+    for row in rows.values():
+        assert len(row["curve"]) == payload["settings"]["batches"] and all(len(c) == 2 for c in row["curve"])
+        assert all(0 < ce < 20 for c in row["curve"] for ce in c)
+    # the same start: every row's first batch is measured before any update
+    assert len({tuple(r["curve"][0]) for r in rows.values()}) == 1
