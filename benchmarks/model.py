@@ -75,8 +75,9 @@ class Config:
 CONFIGS = {
     "full": [Config("cifar", {2: ("resnet32",) * 2, 3: ("resnet32",) * 3}, 32, 128, 100),
              Config("imagenet", {2: ("resnet18", "resnet34"), 3: ("resnet18", "resnet34", "resnet18")}, 224, 256, 1000)],
-    "quick": [Config("cifar", {2: ("resnet20",) * 2, 3: ("resnet20",) * 3}, 32, 128, 10),
-              Config("imagenet", {2: ("resnet18", "resnet18")}, 32, 256, 10)],
+    # small enough that --measure runs on a CPU (gpu_check.sh --dry-run)
+    "quick": [Config("cifar", {2: ("resnet20",) * 2, 3: ("resnet20",) * 3}, 32, 4, 10),
+              Config("imagenet", {2: ("resnet18", "resnet18")}, 32, 4, 10)],
 }
 
 
@@ -308,7 +309,8 @@ def measure(configs: list[Config], device, iters: int, methods=METHODS, ks=None)
                              graph=device.type == "cuda")
                 turns = step.step.turns if isinstance(step, GraphedStep) else step.turns
                 # GraphedStep: 3 eager steps and the capture per turn, then replays
-                warmup = 4 * turns
+                rounds = 4 if device.type == "cuda" else 1
+                warmup = rounds * turns
                 source = iter(common.RandomBatches(config.batch_size, config.image_size, config.num_classes,
                                                    warmup + iters * turns, device))
                 counter = iter(range(10 ** 9))
@@ -317,7 +319,7 @@ def measure(configs: list[Config], device, iters: int, methods=METHODS, ks=None)
                     for _ in range(turns):
                         step(*next(source), next(counter) % turns)
 
-                ms = common.median_ms(one_round, device, 4, iters) / turns
+                ms = common.median_ms(one_round, device, rounds, iters) / turns
                 rows.append({"config": config.name, "archs": list(config.archs[k]), "K": k, "method": method,
                              "batch": config.batch_size, "image_size": config.image_size, "ms": ms,
                              "img_per_s": config.batch_size / (ms * 1e-3),
