@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
 # One-command GPU self-check: builds the extension for this card, runs the CUDA tests, the op, data
-# and step benchmarks and a short end-to-end training, and writes one report. Sized for about
-# 10 minutes on an H100. Needs PyTorch with CUDA and the CUDA toolkit; without NVIDIA DALI it says
-# so and skips only the DALI parts.
+# and step benchmarks, the performance model's steps (measured against predicted) and a short
+# end-to-end training, and writes one report. Sized for a 15-minute device budget on an H100/H200
+# (build included). Needs PyTorch with CUDA and the CUDA toolkit, and no package from a registry
+# (nothing is downloaded); without NVIDIA DALI it says so and skips only the DALI parts.
 #
 #   benchmarks/gpu_check.sh [OUTPUT_FOLDER]     (default benchmarks/results/gpu-check)
+#   benchmarks/gpu_check.sh --dry-run [FOLDER]  every step with the flags it uses on a GPU, plus flags
+#                                               for the CPU and tiny sizes appended (CI runs this;
+#                                               default folder build/gpu-check-dry); the build only
+#                                               resolves (pip --dry-run)
 #   AFD_FAST_IMAGENETTE=/path/imagenette-mini   JPEG folder for the data and end-to-end rows
 #                                               (default ../shared/data/imagenette-mini)
 #   PYTHON=python3                              the interpreter to use
 #   SKIP_BUILD=1                                use the extension already built (e.g. by an earlier call)
+#   GPU_CHECK_BUDGET_S=780                      seconds for the whole check: a step gets at most what is
+#                                               left, and is skipped (and reported) under 30 s; 780 s
+#                                               leaves 2 of a 15-minute lease for the machine's start
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-benchmarks/results/gpu-check}
-PY=${PYTHON:-python}
+DRY=0
+if [ "${1:-}" = --dry-run ]; then DRY=1; shift; fi
+OUT=${1:-$([ $DRY = 1 ] && echo build/gpu-check-dry || echo benchmarks/results/gpu-check)}
+PY=${PYTHON:-$(command -v python || echo python3)}  # the GPU image may have python3 only
 DATA=${AFD_FAST_IMAGENETTE:-../shared/data/imagenette-mini}
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 FAILED=0
+SKIPPED=0
+BUDGET=${GPU_CHECK_BUDGET_S:-$([ $DRY = 1 ] && echo 3600 || echo 780)}
 
-step() {  # step NAME LIMIT_SECONDS COMMAND...: runs it, keeps its log, adds its tail to the report
-  local name=$1 limit=$2
-  shift 2
-  local start=$SECONDS
+step() {  # step NAME LIMIT_SECONDS "DRY-RUN FLAGS" COMMAND...: runs it, keeps its log, adds its tail
+  local name=$1 limit=$2 tiny=$3  # to the report; a dry run appends the dry-run flags to COMMAND
+  shift 3
+  local start=$SECONDS left=$((BUDGET - SECONDS))
+  if [ $left -lt 30 ]; then
+    echo "## $name — skipped: ${left} s left of the ${BUDGET} s budget" >>"$REPORT"
+    SKIPPED=$((SKIPPED + 1))
+    return
+  fi
+  [ "$limit" -gt $left ] && limit=$left
   echo "== $name" >&2
+  # shellcheck disable=SC2086  # the dry-run flags are a word list
+  [ $DRY = 1 ] && set -- "$@" $tiny && limit=$((limit * 4))  # a CPU is slower: the flags count, not the time
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   [ $rc -ne 0 ] && FAILED=$((FAILED + 1))
@@ -39,11 +59,12 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs it, keeps its log, adds its
 }
 
 {
-  echo "# afd_fast GPU self-check — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "# afd_fast GPU self-check — $(date -u '+%Y-%m-%d %H:%M UTC')$([ $DRY = 1 ] && echo ' — DRY RUN on the CPU, tiny sizes')"
   echo
   echo '```'
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" 2>&1
+  $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
+           torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1
   nvcc --version 2>&1 | tail -n 1
   echo '```'
   echo
@@ -59,25 +80,32 @@ if [ -d "$DATA" ]; then DATA_ARGS=(--data "$DATA"); else
 fi
 echo >>"$REPORT"
 
-ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# the card's compute capability (a dry run: the H200's)
+ARCH=$([ $DRY = 1 ] && echo 9.0 || $PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  step build 300 env AFD_FAST_CUDA=1 AFD_FAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" \
-    $PY -m pip install --no-build-isolation --no-deps -e .
+  # --no-index: nothing from a registry; on 16 cores the build is about one compilation of ops_cuda.cu
+  step build 300 "--dry-run" env AFD_FAST_CUDA=1 AFD_FAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" \
+    $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
-step cuda-tests 150 $PY -m pytest -q -m cuda tests
-step ops-benchmark 90 $PY benchmarks/ops.py --iters 30 --output "$OUT/ops-cuda.json"
-step data-benchmark 60 $PY benchmarks/data.py "${DATA_ARGS[@]}" --output "$OUT/data-cuda.json"
-step step-benchmark 180 $PY benchmarks/step.py --iters 15 "${DATA_ARGS[@]}" --output "$OUT/step-cuda.json"
-step train 90 $PY -m afd_fast.train --device cuda --epochs 2 --output "$OUT/train"
+CPU="--device cpu"  # what a dry run appends to the device flags (argparse: the last one counts)
+step cuda-tests 150 "" $PY -m pytest -q -m cuda tests
+# the performance model's steps (benchmarks/results/model.json) timed, measured against predicted
+step model 120 "$CPU --quick --iters 1" $PY benchmarks/model.py --measure --ks 2 --iters 10 \
+  --output "$OUT/model-measured-cuda.json"
+step ops-benchmark 90 "$CPU --quick --no-compile" $PY benchmarks/ops.py --iters 30 --output "$OUT/ops-cuda.json"
+step data-benchmark 60 "$CPU --quick" $PY benchmarks/data.py "${DATA_ARGS[@]}" --output "$OUT/data-cuda.json"
+step step-benchmark 180 "$CPU --quick --iters 2" $PY benchmarks/step.py --iters 15 "${DATA_ARGS[@]}" \
+  --output "$OUT/step-cuda.json"
+step train 90 "$CPU --max-steps 2" $PY -m afd_fast.train --device cuda --epochs 2 --output "$OUT/train"
 # the paper's baselines (vanilla, sequential DML, ONE, AFD, offline L1+KD) end to end, 6 steps each: past
 # GraphedStep's warm-up, so every method's step is captured and replayed
-step accuracy-quick 120 $PY benchmarks/accuracy.py --quick --device cuda --train-args "--max-steps 6" \
+step accuracy-quick 120 "$CPU --seeds 1" $PY benchmarks/accuracy.py --quick --device cuda --train-args "--max-steps 6" \
   --runs "$OUT/accuracy-runs" --output "$OUT/accuracy-quick-cuda.json"
 if grep -rl "capture failed" "$OUT/accuracy-runs" >/dev/null 2>&1; then
   echo "**A CUDA graph capture failed in the accuracy runs (they trained eagerly):** $(grep -rl 'capture failed' "$OUT/accuracy-runs" | tr '\n' ' ')" >>"$REPORT"
   FAILED=$((FAILED + 1))
 fi
 
-echo "**$FAILED step(s) failed.** Logs and JSON: \`$OUT/\`." >>"$REPORT"
-echo "report: $REPORT ($FAILED failed)" >&2
+echo "**$FAILED step(s) failed, $SKIPPED skipped**, $SECONDS s in all. Logs and JSON: \`$OUT/\`." >>"$REPORT"
+echo "report: $REPORT ($FAILED failed, $SKIPPED skipped, $SECONDS s)" >&2
 exit $((FAILED > 0))
