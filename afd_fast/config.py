@@ -161,7 +161,8 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     run.add_argument("--arch", help=f"comma-separated networks, one per peer (default {DEFAULTS['arch']}): "
                                     f"{ARCH_HELP}")
     run.add_argument("--method", choices=METHODS,
-                     help="afd (default); the paper's baselines: dml (sequential, as its authors), one (branches on "
+                     help="afd (default); the paper's baselines: dml (one network per step, in turn, each on its "
+                          "own batch, as its authors' code), one (branches on "
                           "shared low layers, gated-ensemble teacher; identical CIFAR networks), kd (online, "
                           "mean-ensemble teacher), vanilla, l1, l1kd, l1kd-offline (--arch STUDENT,TEACHER with "
                           "--pretrained ,TEACHER.pt: the teacher frozen); ablations adv-only, kd-only (AFD without "

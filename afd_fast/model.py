@@ -86,10 +86,6 @@ class AFDModel(nn.Module):
         else:
             w = ops.peer_weights("cyclic" if weights == "pair" else weights, k) if weights else torch.zeros(k, k)
         self.register_buffer("peer_weights", w, persistent=False)
-        if spec.sequential:  # one network at a time: row 0 the student, rows 1..K-1 its peers, 1/(K-1) each
-            row = torch.full((1, k), 1 / (k - 1))
-            row[0, 0] = 0.0
-            self.register_buffer("sequential_weights", row, persistent=False)
         # whose feature map network i's L1 / adversarial loss reads: the frozen teacher, or its peer
         self.teachers = [k - 1 if spec.frozen_teacher else peer_of(i, k) for i in range(k)]
 
