@@ -45,10 +45,6 @@ assert torch._C._dispatch_has_kernel_for_dispatch_key("afd_fast::mutual_distilla
     "the extension was built without its CUDA kernels"
 print("torch", torch.__version__, "CUDA", torch.version.cuda, ": afd_fast._C has its CUDA kernels")
 EOF
-# torch 2.14 (the first environment) leaves the `lock` files of its extension builds behind (an OS
-# lock, released but not removed); torch 2.11's FileBaton takes an existing file as held and waits
-# forever. Nothing else builds now: drop them.
-rm -f build/cuda_emu/*/lock
 python -m pytest -q tests/test_ops.py tests/test_cuda_emulated.py tests/test_capture_safety.py
 echo "gpu_image_env: tests done after $((SECONDS - start)) s" >&2
 PYTHON=python benchmarks/gpu_check.sh --dry-run build/gpu-check-dry

@@ -11,6 +11,7 @@ kernels are called exactly as `torch.ops.afd_fast.*` is on a GPU. Builds are cac
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -153,7 +154,10 @@ def build(name: str = "afd_fast_emu", mutate=None, float_only: bool = False, sel
             raise ValueError("the mutation changed nothing in ops_cuda.cu")
         kernels = changed
     sources = [(KERNELS, kernels)] + ([(SELFTEST, _read(SELFTEST))] if selftest else [])
-    build_dir = os.path.join(ROOT, "build", "cuda_emu", name)
+    # one folder per torch and Python: a build against another torch's headers does not load here, and
+    # torch 2.11 waits forever on the lock file torch 2.14 leaves (CI builds under both, .ci/run)
+    version = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    build_dir = os.path.join(ROOT, "build", "cuda_emu", version, name)
     os.makedirs(build_dir, exist_ok=True)
     unit = os.path.join(build_dir, f"{name}_kernels.cpp")
     text = generate(name, sources, float_only)
