@@ -50,7 +50,9 @@ class SplitNetwork(nn.Module):
 def probe_shape(stage, network: nn.Module, image_size: int) -> tuple[int, ...]:
     """Shape (without the batch) of what ``stage`` (e.g. ``network.features``) returns for square images
     of ``image_size``: one forward in eval mode on fake tensors (shapes only: no compute, no memory,
-    the network's state untouched)."""
+    the network's state untouched). A forward that fake tensors cannot run (an op that reads a value,
+    which fake tensors do not have) gets a real one on zero images, still in eval mode; if that fails
+    too, its error is the one reported."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from afd_fast.errors import ConfigError
@@ -58,11 +60,18 @@ def probe_shape(stage, network: nn.Module, image_size: int) -> tuple[int, ...]:
     was_training = network.training
     network.eval()
     like = next(network.parameters())
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) if not like.is_meta else contextlib.nullcontext(), \
-                torch.no_grad():
-            probe = torch.empty(2, 3, image_size, image_size, dtype=like.dtype, device=like.device)
+
+    def forward(fake: bool) -> tuple[int, ...]:
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), torch.no_grad():
+            probe = torch.zeros(2, 3, image_size, image_size, dtype=like.dtype, device=like.device)
             return tuple(stage(probe).shape[1:])
+    try:
+        try:
+            return forward(fake=not like.is_meta)
+        except (RuntimeError, ValueError, AssertionError, IndexError):
+            if like.is_meta:
+                raise
+            return forward(fake=False)
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
         name = getattr(network, "arch", type(network).__name__)
         raise ConfigError(f"{name} cannot take {image_size} px images ({type(e).__name__}: {str(e)[:200]}): "
