@@ -131,7 +131,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.batch_size, args.image_size = 6, 8, 16
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     batches, classes = load_batches(args.data, args.batches, args.batch_size, args.image_size, seed=0)
     results = []
     chosen = [r.strip() for r in args.rows.split(",")] if args.rows else [label for label, _, _ in ROWS]
