@@ -9,7 +9,10 @@ Rows: vanilla; kd-only (one synchronous step of both networks, T = 1 and 3); ``-
 afd_fast runs it (the DML authors' code: each step updates one network on its own batch, T = 1 and
 3); and, for contrast, the literal reading of the DML paper's algorithm box that afd_fast used
 before: on ONE batch, network 1 steps, its prediction is recomputed on that same batch, then network
-2 steps towards it (written out here, no longer in the product). Every row sees the same batches in
+2 steps towards it (written out here, no longer in the product). The last rows look for the cause
+of DML's early rise: the same turn-taking without the KL term; ``--method dml`` at SGD momentum 0.5
+and 0 instead of 0.9; and with the optimizer of the authors' code (Adam, lr 1e-3 here) instead of the
+SGD that the AFD paper applies to every compared method. Every row sees the same batches in
 the same order: ``batches`` is the number of batches (training steps) consumed, so a DML network has
 had half as many updates as a vanilla one at the same batch. The CE of every network is measured on
 each batch before its update (the training CE the trainer logs). Figures: the mean CE over batches
@@ -38,8 +41,11 @@ from afd_fast.step import DualStep, batch_statistics_only  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "imagenette-mini")
-ROWS = (("vanilla", "vanilla", 3.0), ("kd-only T=1", "kd-only", 1.0), ("kd-only T=3", "kd-only", 3.0),
-        ("dml T=1", "dml", 1.0), ("dml T=3", "dml", 3.0), ("same-batch recomputed DML T=1 (old)", "old", 1.0))
+# (label, method, temperature, optimizer of the logit parameters: SGD momentum or "adam")
+ROWS = (("vanilla", "vanilla", 3.0, 0.9), ("kd-only T=1", "kd-only", 1.0, 0.9), ("kd-only T=3", "kd-only", 3.0, 0.9),
+        ("dml T=1", "dml", 1.0, 0.9), ("dml T=3", "dml", 3.0, 0.9), ("same-batch recomputed DML T=1 (old)", "old", 1.0, 0.9),
+        ("turns without KL", "turns", 1.0, 0.9), ("dml T=1 momentum 0.5", "dml", 1.0, 0.5),
+        ("dml T=1 momentum 0", "dml", 1.0, 0.0), ("dml T=1 Adam 1e-3", "dml", 1.0, "adam"))
 
 
 def load_batches(data: str, count: int, batch: int, image_size: int, seed: int) -> tuple[list, int]:
@@ -86,16 +92,29 @@ def _old_same_batch_dml(model: AFDModel, optimizer: torch.optim.Optimizer, image
                 logits[0] = network(images)[1]
 
 
-def run_row(method: str, temperature: float, nets: list, batches: list, lr: float) -> list[list[float]]:
+def _turn_without_kl(model: AFDModel, optimizer: torch.optim.Optimizer, images, target, k: int):
+    """DML's turn-taking (network k steps on this batch) on the CE alone: vanilla at half the updates."""
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model.networks[k](images)[1], target).backward()
+    optimizer.step()
+
+
+def run_row(method: str, temperature: float, optimizer: float | str, nets: list, batches: list,
+            lr: float) -> list[list[float]]:
     """Trains a copy of ``nets`` on the batches; returns each network's CE on each batch before it."""
-    model = AFDModel(copy.deepcopy(nets), "vanilla" if method == "old" else method, "pair", temperature=temperature)
-    step = DualStep(model, lr=lr, weight_decay=5e-4)
+    product_method = "vanilla" if method in ("old", "turns") else method
+    model = AFDModel(copy.deepcopy(nets), product_method, "pair", temperature=temperature)
+    step = DualStep(model, lr=lr, weight_decay=5e-4, momentum=0.9 if optimizer == "adam" else optimizer)
+    if optimizer == "adam":  # the DML authors' optimizer (their code's L2 regulariser is Adam's weight_decay)
+        step.optimizers["logit"] = torch.optim.Adam(model.logit_parameters(), lr=1e-3, weight_decay=5e-4)
     model.train()
     curve = []
     for index, (images, target) in enumerate(batches):
         curve.append(_ce_of_every_network(model, images, target))
         if method == "old":
             _old_same_batch_dml(model, step.optimizers["logit"], images, target, temperature)
+        elif method == "turns":
+            _turn_without_kl(model, step.optimizers["logit"], images, target, index % 2)
         else:
             step(images, target, step.turn_of(index))
     return curve
@@ -124,7 +143,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", type=int, default=1, help="starts (network initialisations) averaged over")
     p.add_argument("--rows", default=None,
-                   help="comma-separated row labels to run (default: all): " + "; ".join(label for label, _, _ in ROWS))
+                   help="comma-separated row labels to run (default: all): " + "; ".join(row[0] for row in ROWS))
     p.add_argument("--quick", action="store_true", help="6 batches of 8 at 16 px: checks that the table is produced")
     p.add_argument("--output", default=None,
                    help="JSON results (default: benchmarks/results/dml-stability.json, none with --quick)")
@@ -133,16 +152,17 @@ def main(argv=None) -> dict:
         args.batches, args.batch_size, args.image_size = 6, 8, 16
     batches, classes = load_batches(args.data, args.batches, args.batch_size, args.image_size, seed=0)
     results = []
-    chosen = [r.strip() for r in args.rows.split(",")] if args.rows else [label for label, _, _ in ROWS]
-    unknown = set(chosen) - {label for label, _, _ in ROWS}
+    chosen = [r.strip() for r in args.rows.split(",")] if args.rows else [row[0] for row in ROWS]
+    unknown = set(chosen) - {row[0] for row in ROWS}
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}")
-    for label, method, temperature in (row for row in ROWS if row[0] in chosen):
+    for label, method, temperature, optimizer in (row for row in ROWS if row[0] in chosen):
         start = time.perf_counter()
-        curves = [run_row(method, temperature, _pair(args.arch, classes, seed), batches, args.lr)
+        curves = [run_row(method, temperature, optimizer, _pair(args.arch, classes, seed), batches, args.lr)
                   for seed in range(args.seeds)]
         mean_curve = [[sum(c[i][k] for c in curves) / len(curves) for k in range(2)] for i in range(args.batches)]
-        row = {"row": label, "method": method, "temperature": temperature, **summarise(mean_curve),
+        row = {"row": label, "method": method, "temperature": temperature, "optimizer": optimizer,
+               **summarise(mean_curve),
                "seconds": time.perf_counter() - start, "curve": mean_curve}
         results.append(row)
         print(f"{label:38s} CE first 5 {row['ce_first5']:.3f}  batches 15-25 {row['ce_15_25']:.3f}  "

@@ -167,9 +167,15 @@ def test_dml_stability_benchmark_produces_its_table(tmp_path):
     payload = json.loads(out.read_text())
     rows = {r["row"]: r for r in payload["results"]}
     assert list(rows) == ["vanilla", "kd-only T=1", "kd-only T=3", "dml T=1", "dml T=3",
-                          "same-batch recomputed DML T=1 (old)"]
+                          "same-batch recomputed DML T=1 (old)", "turns without KL", "dml T=1 momentum 0.5",
+                          "dml T=1 momentum 0", "dml T=1 Adam 1e-3"]
     for row in rows.values():
         assert len(row["curve"]) == payload["settings"]["batches"] and all(len(c) == 2 for c in row["curve"])
         assert all(0 < ce < 20 for c in row["curve"] for ce in c)
     # the same start: every row's first batch is measured before any update
     assert len({tuple(r["curve"][0]) for r in rows.values()}) == 1
+    # rows that take turns leave network 1 alone on batch 0: its CE on batch 1 is the same in all of them,
+    # and differs from the rows that step both networks
+    turns = [r for r in rows.values() if r["method"] in ("dml", "turns")]
+    assert len({r["curve"][1][1] for r in turns}) == 1
+    assert rows["vanilla"]["curve"][1][1] != turns[0]["curve"][1][1]
