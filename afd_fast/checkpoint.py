@@ -271,6 +271,10 @@ class CheckpointWriter:
                       f"{name}.earlier-run (pass --resume to continue a run)", file=sys.stderr)
         self.rotate = False
 
+    def continue_from(self, ckpt: dict) -> None:
+        """A run resumed from ckpt: what a failed write's message names as the intact checkpoint."""
+        self.good = describe(ckpt)
+
     @property
     def failed(self) -> bool:
         return self.error is not None

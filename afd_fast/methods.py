@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from afd_fast.errors import ConfigError
 from afd_fast.models.cifar import CIFAR_NETWORKS
 
 METHODS = ("afd", "dml", "one", "kd", "vanilla", "l1", "l1kd", "l1kd-offline", "adv-only", "kd-only")
@@ -45,7 +46,7 @@ METHOD_SPECS = {
 
 def method_spec(method: str) -> MethodSpec:
     if method not in METHOD_SPECS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return METHOD_SPECS[method]
 
 

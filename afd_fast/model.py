@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afd_fast import ops, reference
+from afd_fast.errors import ConfigError
 from afd_fast.methods import method_spec, peer_of
 from afd_fast.models import SplitNetwork
 from afd_fast.models.base import probe_shape
@@ -71,7 +72,7 @@ class AFDModel(nn.Module):
         self.fused_losses = fused_losses
         k = len(networks)
         if k < 2 and method != "vanilla":
-            raise ValueError(f"method {method!r} distils between networks: it needs at least 2, got {k}")
+            raise ConfigError(f"method {method!r} distils between networks: it needs at least 2, got {k}")
         if spec.shared_low_layers:
             share_low_layers(networks)
         self.networks = nn.ModuleList(networks)
@@ -79,7 +80,7 @@ class AFDModel(nn.Module):
         self.label_smoothing = label_smoothing  # of the cross-entropy terms (the fused op's)
         weights = {"topology": topology, "dml": "dml", "ensemble": "ensemble", "gated": "ensemble"}.get(spec.weights)
         if weights == "pair" and k != 2:
-            raise ValueError(f"topology 'pair' is for exactly 2 networks, got {k}; use 'cyclic'")
+            raise ConfigError(f"topology 'pair' is for exactly 2 networks, got {k}; use 'cyclic'")
         if spec.weights == "teacher":  # networks 0..K-2 learn from the last one; the teacher from none
             w = torch.zeros(k, k)
             w[:-1, -1] = 1.0

@@ -20,14 +20,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from afd_fast import checkpoint, metrics, preemption
-from afd_fast.config import Config, parse as parse_config, recipe_changes, resume_differences
+from afd_fast import checkpoint, metrics, preemption, run_state
+from afd_fast.config import Config, parse as parse_config, recipe_changes
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep
 from afd_fast.data import build_loaders, synthetic_image_folder
@@ -87,11 +87,18 @@ def main(argv=None) -> dict:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
+    resume_hint = preemption.resume_command(argv)
+    writer = checkpoint.CheckpointWriter(config.output, resume_hint) if rank == 0 else None
     # the handlers go in first: a signal during start-up (data listing, resume) must not kill the run
     control = preemption.StopControl(rank, world, device, config.signal_check_every, config.checkpoint_every,
-                                     config.checkpoint_minutes)
+                                     config.checkpoint_minutes,
+                                     write_failed=lambda: writer is not None and writer.failed)
     with control:
-        trainer = Trainer(config, rank, world, device, control, preemption.resume_command(argv))
+        found = run_state.find_checkpoint(config, rank, world)
+        trainer = Trainer(config, rank, world, device, control, writer, resume_hint, resume_from=found)
+        if rank == 0:
+            prepare_run_dir(config, writer, found)
+            print_start(config, world, device, trainer.loaders)
         try:
             trainer.fit()
         finally:
@@ -102,124 +109,118 @@ def main(argv=None) -> dict:
     return summary
 
 
-@dataclass
-class Progress:
-    """Where the run is: the epoch in progress (the next one when batch is 0), the batches done in
-    it, the global step, the epoch records, and this process's running loss sums of the epoch."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    best: float = -1.0
-    history: list = field(default_factory=list)
-    loss_sums: dict = field(default_factory=dict)
-    summed: int = 0  # batches in loss_sums
-
-    def count(self, losses: dict) -> None:
-        for key in ("ce", "kl", "g_loss", "d_loss"):
-            if key in losses:
-                self.loss_sums[key] = self.loss_sums.get(key, 0) + losses[key].detach().double()
-        self.batch, self.step, self.summed = self.batch + 1, self.step + 1, self.summed + 1
-
-
 class Trainer:
-    """One run: data, networks and their dual step, schedules, where the run is (:class:`Progress`),
-    checkpoints (:mod:`afd_fast.checkpoint`) and the stop agreement (:mod:`afd_fast.preemption`).
-    :meth:`fit` is the training loop."""
+    """One run: data, networks and the update that trains them, schedules, where the run is
+    (:class:`afd_fast.run_state.Progress`), its checkpoints (written by rank 0's ``writer``) and the
+    stop agreement (``control``, :mod:`afd_fast.preemption`). :meth:`fit` is the training loop.
+    Building one writes nothing in --output: ``resume_from`` is a checkpoint already read
+    (:func:`afd_fast.run_state.find_checkpoint`), and :func:`prepare_run_dir` sets the folder up."""
 
     def __init__(self, config, rank: int, world: int, device: torch.device, control: preemption.StopControl,
-                 resume_hint: str):
+                 writer: checkpoint.CheckpointWriter | None, resume_hint: str, resume_from=None):
         self.config, self.rank, self.world, self.device, self.control = config, rank, world, device, control
-        self.is_main, self.resume_hint = rank == 0, resume_hint
+        self.is_main, self.writer, self.resume_hint = rank == 0, writer, resume_hint
         self.loaders = build_data(config, rank, world, device)
-        self.model, self.step, self.train_step, self.rates = build_training(
-            config, self.loaders.num_classes, world, device, self.loaders.steps_per_epoch)
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.buffer_names = set(self.model.state_dict()) - {n for n, _ in self.model.named_parameters()}
         spe = self.loaders.steps_per_epoch
+        # dual_step: the DualStep (optimizers, loss scale, DML turns); update: the callable that does one
+        # training update, the DualStep itself or its CUDA graph
+        self.model, self.dual_step, self.update, self.rates = build_training(
+            config, self.loaders.num_classes, world, device, spe)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.total_steps = spe * config.epochs if config.max_steps is None else min(config.max_steps, spe * config.epochs)
-        self.run, self.loader_state = Progress(), None
-        os.makedirs(config.output, exist_ok=True)
-        self.metrics_path = os.path.join(config.output, "metrics.jsonl")
-        self.writer = checkpoint.CheckpointWriter(config.output, resume_hint) if self.is_main else None
-        control.write_failed = lambda: self.writer is not None and self.writer.failed
-        self.resume_or_start_fresh()
-        if self.is_main:
-            write_config(config)
-        self.saved_step = self.run.step  # the newest checkpoint's step: nothing to save on a stop before the next
-        self.tensorboard = tensorboard_writer(config.output) if self.is_main else None
+        self.run, self.loader_state = run_state.Progress(), None
+        if resume_from is not None:
+            path, ckpt, _ = resume_from
+            run_state.check_same_run(path, ckpt, config, self.loaders, self.is_main)
+            self.loader_state = run_state.restore(ckpt, self.run, self.model, self.dual_step, self.rates, self.loaders,
+                                                  config, rank, world, device)
+        self.saved_at_step = self.run.steps_done  # the newest checkpoint's: nothing to save on a stop before the next
+        self.log = EpochLog(config.output) if self.is_main else None
         self.meter = Meter()
-        if self.is_main:
-            print_start(config, world, device, self.loaders)
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> None:
-        run, loaders = self.run, self.loaders
+        run = self.run
         for epoch in range(run.epoch, self.config.epochs):
-            if run.step >= self.total_steps and run.batch == 0:  # (a stop after the last step: its epoch ends)
+            if self.finished() and run.batch == 0:  # (a stop after the last step: its epoch ends)
                 break
             run.epoch = epoch
             self.model.train()
             self.meter.start_epoch()
-            if run.batch < loaders.steps_per_epoch and run.step < self.total_steps:
-                for images, target in loaders.train_epoch(epoch, run.batch, self.loader_state):
-                    images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-                    self.rates.apply(run.step)
-                    turn = self.step.turn_of(run.step)  # DML: the network this step updates
-                    losses = self.train_step(images, target.to(self.device, non_blocking=True), turn)
-                    run.count(losses)
-                    self.report(losses, images.shape[0])
-                    decision = self.control.after_step(run.step)  # a signal? a checkpoint due?
-                    if decision:
-                        self.act(decision)
-                    if run.step >= self.total_steps or run.batch == loaders.steps_per_epoch:
-                        break
-            self.loader_state = None
+            for images, target in self.batches(epoch):
+                self.rates.apply(run.steps_done)
+                turn = self.dual_step.turn_of(run.steps_done)  # DML: the network this step updates
+                losses = self.update(images, target, turn)
+                run.count(losses)
+                self.report(losses, images.shape[0])
+                self.act(self.control.after_step(run.steps_done))  # a signal? a checkpoint due?
+                if self.finished() or run.batch == self.loaders.steps_per_epoch:
+                    break
             self.end_epoch()
 
+    def finished(self) -> bool:
+        return self.run.steps_done >= self.total_steps
+
+    def batches(self, epoch: int):
+        """The epoch's remaining training batches, on the device; after a resume, from the
+        checkpoint's position with its data loader state."""
+        run, loaders = self.run, self.loaders
+        state, self.loader_state = self.loader_state, None  # for the resumed epoch only
+        if run.batch < loaders.steps_per_epoch and not self.finished():
+            for images, target in loaders.train_epoch(epoch, run.batch, state):
+                yield (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                       target.to(self.device, non_blocking=True))
+
     def end_epoch(self) -> None:
-        """Evaluation, schedules, the epoch's record and checkpoint; then, with every process here,
-        a stop that a signal during evaluation asked for."""
+        """Evaluation, the epoch's record and checkpoint; then, with every process here, a stop that a
+        signal during evaluation asked for."""
+        run = self.run
+        record = self.epoch_record()
+        run.history.append(record)
+        score = max(record[f"net{i}_top1"] for i in range(len(self.model.trained_networks())))  # not a frozen teacher
+        improved, run.best = score > run.best, max(run.best, score)
+        run.next_epoch()
+        if self.log is not None:
+            self.log.write(record)
+        self.save("epoch", best=improved)
+        self.act(replace(self.control.agree(), save=False))  # (the epoch's checkpoint is written)
+
+    def epoch_record(self) -> dict:
+        """The epoch's metrics: training speed, the training losses' means over every process, the
+        learning rates and the validation accuracies."""
         run, config = self.run, self.config
         rate = self.meter.epoch_rate(config.batch_per_process * self.world)  # training alone, before evaluation
-        check_finite(run.loss_sums, run.step, config.archs)
+        check_finite(run.loss_sums, run.steps_done, config.archs)
         means = {k: v.clone() for k, v in run.loss_sums.items()}
         if dist.is_initialized():  # training-loss means over all processes
             for value in means.values():
                 dist.all_reduce(value)
                 value /= self.world
-        val = metrics.evaluate(self.model, self.loaders.val, self.device, self.step.amp_dtype)
-        rates = self.rates.rates(max(run.step - 1, 0))  # the epoch's last step's (a cosine moves every step)
-        record = {"epoch": run.epoch + 1, "step": run.step, "img_per_s": rate, "lr": rates["logit"],
-                  **({"adv_lr": rates["generator"]} if "generator" in rates else {}),
-                  **{f"train_{k}": (v / max(run.summed, 1)).tolist() for k, v in means.items()}, **val}
-        run.history.append(record)
-        score = max(val[f"net{i}_top1"] for i in range(len(self.model.trained_networks())))  # not a frozen teacher
-        improved, run.best = score > run.best, max(run.best, score)
-        run.epoch, run.batch, run.loss_sums, run.summed = run.epoch + 1, 0, {}, 0
-        if self.is_main:
-            log_epoch(record, val, self.metrics_path, self.tensorboard)
-        self.save("epoch", best=improved)
-        decision = self.control.agree()
-        if decision.write_failed or decision.stop:
-            self.act(decision)
+        val = metrics.evaluate(self.model, self.loaders.val, self.device, self.dual_step.amp_dtype)
+        rates = self.rates.rates(max(run.steps_done - 1, 0))  # the epoch's last step's (a cosine moves every step)
+        return {"epoch": run.epoch + 1, "step": run.steps_done, "img_per_s": rate, "lr": rates["logit"],
+                **({"adv_lr": rates["generator"]} if "generator" in rates else {}),
+                **{f"train_{k}": (v / max(run.summed, 1)).tolist() for k, v in means.items()}, **val}
 
     # --- stops and checkpoints ---------------------------------------------------------------------
     def act(self, decision: preemption.Decision) -> None:
+        """What the processes agreed on: fail on rank 0's failed checkpoint write, stop on a signal,
+        or write a checkpoint that is due (inside an epoch: at its end the epoch's follows)."""
         if decision.write_failed:
             self.fail_on_write_error()
         if decision.stop:
             self.stop(decision.stop)
-        if decision.save and self.run.batch < self.loaders.steps_per_epoch and self.run.step < self.total_steps:
-            self.save("step")  # (at the end of an epoch the epoch's checkpoint follows)
+        if decision.save and self.run.batch < self.loaders.steps_per_epoch and not self.finished():
+            self.save("step")
 
     def save(self, reason: str, best: bool = False, wait: bool = False) -> None:
         """Every process hands its own state to rank 0, whose writer thread writes it durably."""
         self.refuse_non_finite_state()
-        state = self.snapshot(reason)
+        state = run_state.capture(reason, self.run, self.model, self.dual_step, self.loaders, self.config,
+                                  self.rank, self.world)
         if self.is_main:
             self.writer.submit(state, best=best, wait=wait)
-        self.saved_step = self.run.step
+        self.saved_at_step = self.run.steps_done
         self.control.saved()
 
     def stop(self, signum: int) -> None:
@@ -227,7 +228,7 @@ class Trainer:
         checkpoint already has it), every process waits for it, then exits with 128 + signum."""
         error = None
         try:
-            if self.run.step != self.saved_step:
+            if self.run.steps_done != self.saved_at_step:
                 self.save("signal", wait=True)
             elif self.is_main:
                 self.writer.wait()
@@ -236,14 +237,14 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()  # no process exits (and makes torchrun kill the others) before last.pt is whole
         run, name = self.run, preemption.signal_name(signum)
-        stopped = f"rank {self.rank}: {name}: stopped after step {run.step}"
+        stopped = f"rank {self.rank}: {name}: stopped after step {run.steps_done}"
         if error is not None:
             print(f"afd_fast: {stopped}", file=sys.stderr, flush=True)
             raise error
         if self.is_main:
             where = (f"epoch {run.epoch + 1}, batch {run.batch} of {self.loaders.steps_per_epoch}" if run.batch
                      else f"end of epoch {run.epoch}")
-            print(f"afd_fast: {name}: every process stopped after step {run.step} ({where}); "
+            print(f"afd_fast: {name}: every process stopped after step {run.steps_done} ({where}); "
                   f"checkpoint {self.writer.path}\nafd_fast: resume with: {self.resume_hint}", file=sys.stderr,
                   flush=True)
         if dist.is_initialized():
@@ -259,8 +260,8 @@ class Trainer:
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            check_finite(run.loss_sums, run.step, self.config.archs)  # names the network if this process saw it
-            raise NonFiniteLoss(f"non-finite loss or weights by step {run.step} (on this or another process): "
+            check_finite(run.loss_sums, run.steps_done, self.config.archs)  # names the network if this process saw it
+            raise NonFiniteLoss(f"non-finite loss or weights by step {run.steps_done} (on this or another process): "
                                 "nothing saved, the checkpoints keep the last finite state: lower --lr or "
                                 "--adv-lr and --resume")
 
@@ -269,118 +270,6 @@ class Trainer:
             self.writer.wait()  # raises CheckpointWriteError with rank 0's message
         raise checkpoint.CheckpointWriteError(f"rank {self.rank}: stopping: rank 0 could not write a "
                                               "checkpoint (its message says why)")
-
-    def snapshot(self, reason: str) -> dict | None:
-        """The checkpoint of this moment, in host memory, on rank 0 (None elsewhere): the shared
-        state plus every process's own (RNGs, batch-norm buffers, loss sums, data loader state)."""
-        run, config = self.run, self.config
-        own = checkpoint.host_copy({
-            "rng": checkpoint.rng_state(), "loss_sums": run.loss_sums, "summed": run.summed,
-            "buffers": {n: b for n, b in self.model.named_buffers() if n in self.buffer_names},
-            "loader": self.loaders.train_state() if run.batch else None})
-        ranks = [own]
-        if self.world > 1:
-            ranks = [None] * self.world if self.is_main else None
-            dist.gather_object(own, ranks, dst=0)
-        if not self.is_main:
-            return None
-        return checkpoint.host_copy({
-            "model": self.model.state_dict(), "optimizers": self.step.state_dict(),
-            "epoch": run.epoch, "batch": run.batch, "step": run.step, "world_size": self.world,
-            "batch_size": config.batch_per_process, "steps_per_epoch": self.loaders.steps_per_epoch,
-            "loader_backend": self.loaders.backend, "best": run.best, "history": run.history, "ranks": ranks,
-            "config": config.settings(), "reason": reason})
-
-    def resume_or_start_fresh(self) -> None:
-        """--resume: rank 0 picks the checkpoint (or fails), every process reads that file."""
-        config, found, error = self.config, None, None
-        if self.is_main:
-            try:
-                found = checkpoint.resolve_resume(config.resume, config.output)
-            except checkpoint.CheckpointError as e:
-                error = e
-        if self.world > 1:
-            box = [found[0] if found else None, error is not None]
-            dist.broadcast_object_list(box, src=0)
-            if not self.is_main and box[1]:
-                raise checkpoint.CheckpointError(f"rank {self.rank}: rank 0 cannot resume (its message "
-                                                 "says why)")
-            if not self.is_main and box[0] is not None:
-                found = (box[0], checkpoint.load(box[0]), [])
-        if error is not None:
-            raise error
-        if found is None:
-            if self.is_main:
-                if config.resume == "auto":
-                    print(f"afd_fast: --resume auto: no checkpoint in {config.output}: starting fresh")
-                self.writer.start_fresh()
-                checkpoint.remove_temporaries(config.output)
-                if os.path.exists(self.metrics_path):
-                    os.remove(self.metrics_path)
-            return
-        path, ckpt, damaged = found
-        self.check_same_run(path, ckpt)
-        self.restore(ckpt)
-        if self.is_main:
-            checkpoint.remove_temporaries(config.output)
-            for bad, message in damaged:
-                print(f"afd_fast: {message}: resuming from {path} instead; the damaged file is kept as "
-                      f"{bad}.damaged", file=sys.stderr)
-            checkpoint.set_aside([bad for bad, _ in damaged])  # never resumed from, nor rotated into previous.pt
-            with open(self.metrics_path, "w") as f:  # the records of the epochs that the checkpoint has
-                f.writelines(json.dumps(r) + "\n" for r in self.run.history)
-            self.writer.good = checkpoint.describe(ckpt)
-            print(f"afd_fast: resumed from {path} ({checkpoint.describe(ckpt)})", flush=True)
-
-    def check_same_run(self, path: str, ckpt: dict) -> None:
-        """--resume continues the checkpoint's run: one of another run (networks, method, topology, data,
-        global batch, image size, loader, steps per epoch) is refused; other changed settings are named."""
-        saved = ckpt.get("config")
-        if saved is None:  # a checkpoint of an earlier afd_fast
-            if self.is_main:
-                print(f"afd_fast: {path} does not record its configuration: the settings are not compared",
-                      file=sys.stderr)
-            return
-        refuse, warn = resume_differences(saved, self.config)
-        for what, old, new in (("loader", ckpt.get("loader_backend"), self.loaders.backend),
-                               ("steps per epoch", ckpt.get("steps_per_epoch"), self.loaders.steps_per_epoch)):
-            if old is not None and old != new:
-                refuse.append(f"{what} {old} -> {new}")
-        if refuse:
-            raise checkpoint.CheckpointError(
-                f"--resume: {path} is another run: {'; '.join(refuse)}. Resume with its settings (see "
-                f"{os.path.join(self.config.output, 'config.yaml')}: --config that file --resume) or start a new run "
-                "in another --output")
-        if warn and self.is_main:
-            print(f"afd_fast: resuming with changed settings: {'; '.join(warn)}", file=sys.stderr)
-
-    def restore(self, ckpt: dict) -> None:
-        run, config, spe = self.run, self.config, self.loaders.steps_per_epoch
-        self.model.load_state_dict(ckpt["model"])
-        self.step.load_state_dict(ckpt["optimizers"])
-        self.rates.forget()  # the loaded optimizer state holds the checkpoint's rates
-        run.epoch, run.batch, run.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        run.best, run.history = ckpt["best"], ckpt["history"]
-        ranks = ckpt["ranks"]
-        own = ranks[self.rank] if self.rank < len(ranks) else ranks[0]
-        checkpoint.set_rng_state(own["rng"])
-        if ckpt["world_size"] == self.world and ckpt["batch_size"] == config.batch_per_process:
-            with torch.no_grad():
-                buffers = dict(self.model.named_buffers())
-                for name, value in own.get("buffers", {}).items():
-                    buffers[name].copy_(value)
-            run.loss_sums = {k: v.to(self.device) for k, v in own.get("loss_sums", {}).items()}
-            run.summed = own.get("summed", run.batch)
-            self.loader_state = own.get("loader")
-        elif run.batch:  # another layout: the same share of the epoch, not the same batches
-            done = run.batch * ckpt["batch_size"] * ckpt["world_size"]
-            run.batch = min(done // (config.batch_per_process * self.world), spe)
-            run.step = run.epoch * spe + run.batch
-            if self.is_main:
-                print(f"afd_fast: the checkpoint stopped inside an epoch with {ckpt['world_size']} process(es) x "
-                      f"batch {ckpt['batch_size']}; with {self.world} x {config.batch_per_process} the epoch continues at "
-                      f"batch {run.batch}, not with exactly the same batches (resume with the same layout for that)",
-                      file=sys.stderr)
 
     def close(self) -> None:
         """At the end, or on any error: the write in flight completes (and reports its failure)."""
@@ -392,13 +281,13 @@ class Trainer:
         """Progress line (rank 0) and the NaN/inf check at the print cadence: no host sync per step."""
         run = self.run
         self.meter.count(batch * self.world)
-        if run.step % self.config.print_every == 0 or run.step == self.total_steps:
-            check_finite(run.loss_sums, run.step, self.config.archs)
+        if run.steps_done % self.config.print_every == 0 or run.steps_done == self.total_steps:
+            check_finite(run.loss_sums, run.steps_done, self.config.archs)
             if self.is_main:
                 rate = self.meter.rate()
-                eta = (self.total_steps - run.step) * batch * self.world / max(rate, 1e-9)
-                print(f"epoch {run.epoch + 1}/{self.config.epochs} step {run.step}/{self.total_steps} "
-                      f"loss {float(losses['logit'].detach()):.4f} lr {self.rates.rates(run.step - 1)['logit']:.4g} "
+                eta = (self.total_steps - run.steps_done) * batch * self.world / max(rate, 1e-9)
+                print(f"epoch {run.epoch + 1}/{self.config.epochs} step {run.steps_done}/{self.total_steps} "
+                      f"loss {float(losses['logit'].detach()):.4f} lr {self.rates.rates(run.steps_done - 1)['logit']:.4g} "
                       f"{rate:.1f} img/s ETA {eta:.0f}s", flush=True)
 
 
@@ -440,7 +329,8 @@ def build_data(config, rank: int, world: int, device: torch.device):
 
 
 def build_training(config, num_classes: int, world: int, device: torch.device, steps_per_epoch: int):
-    """(model, dual step, the step to call (CUDA graph or eager), the learning rates of each step)."""
+    """(model, its DualStep, the update to call (the DualStep's CUDA graph or the DualStep itself),
+    the learning rates of each step)."""
     pretrained = config.pretrained or [None] * len(config.archs)  # library weights, a file, or "" (fresh)
     networks = [build_network(a, num_classes, p) for a, p in zip(config.archs, pretrained)]
     model = AFDModel(networks, config.method, config.topology, config.image_size, config.temperature,
@@ -448,13 +338,14 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
     model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    step = DualStep(model, lr=config.effective_lr, momentum=config.momentum, nesterov=config.nesterov,
-                    weight_decay=config.weight_decay, adv_lr=config.adv_lr, adv_weight_decay=config.adv_weight_decay,
-                    average_gradients=average_across_processes if world > 1 else None, amp=config.amp,
-                    capturable=config.cuda_graph, batched_backward=config.batched_backward)
-    train_step = GraphedStep(step) if config.cuda_graph else step
-    rates = LearningRates(step.optimizers, config.schedules(), steps_per_epoch)
-    return model, step, train_step, rates
+    dual_step = DualStep(model, lr=config.effective_lr, momentum=config.momentum, nesterov=config.nesterov,
+                         weight_decay=config.weight_decay, adv_lr=config.adv_lr,
+                         adv_weight_decay=config.adv_weight_decay,
+                         average_gradients=average_across_processes if world > 1 else None, amp=config.amp,
+                         capturable=config.cuda_graph, batched_backward=config.batched_backward)
+    update = GraphedStep(dual_step) if config.cuda_graph else dual_step
+    rates = LearningRates(dual_step.optimizers, config.schedules(), steps_per_epoch)
+    return model, dual_step, update, rates
 
 
 def print_start(config, world: int, device: torch.device, loaders) -> None:
@@ -467,6 +358,38 @@ def print_start(config, world: int, device: torch.device, loaders) -> None:
     print(f"afd_fast: schedule: {config.describe_schedule()}")
 
 
+# --- the output folder -----------------------------------------------------------------------------
+
+METRICS = "metrics.jsonl"
+
+
+def prepare_run_dir(config: Config, writer: checkpoint.CheckpointWriter, found) -> None:
+    """Rank 0's start in --output, once the run is built (a resume refused as another run's writes
+    nothing): a fresh run (found None) sets an earlier run's checkpoints aside and starts metrics.jsonl
+    anew; a resumed one sets the damaged newer checkpoints aside and rewrites metrics.jsonl with the
+    checkpoint's epochs. Then config.yaml."""
+    os.makedirs(config.output, exist_ok=True)
+    metrics_path = os.path.join(config.output, METRICS)
+    checkpoint.remove_temporaries(config.output)
+    if found is None:
+        if config.resume == "auto":
+            print(f"afd_fast: --resume auto: no checkpoint in {config.output}: starting fresh")
+        writer.start_fresh()
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    else:
+        path, ckpt, damaged = found
+        for bad, message in damaged:
+            print(f"afd_fast: {message}: resuming from {path} instead; the damaged file is kept as "
+                  f"{bad}.damaged", file=sys.stderr)
+        checkpoint.set_aside([bad for bad, _ in damaged])  # never resumed from, nor rotated into previous.pt
+        with open(metrics_path, "w") as f:  # the records of the epochs that the checkpoint has
+            f.writelines(json.dumps(r) + "\n" for r in ckpt["history"])
+        writer.continue_from(ckpt)
+        print(f"afd_fast: resumed from {path} ({checkpoint.describe(ckpt)})", flush=True)
+    write_config(config)
+
+
 def write_config(config: Config) -> None:
     """<output>/config.yaml: the resolved configuration (--config that file repeats the run)."""
     path = os.path.join(config.output, "config.yaml")
@@ -475,20 +398,31 @@ def write_config(config: Config) -> None:
     os.replace(path + ".tmp", path)
 
 
-def log_epoch(record: dict, val: dict, metrics_path: str, tensorboard) -> None:
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if tensorboard is not None:
-        for key, value in record.items():
-            for i, v in enumerate(value if isinstance(value, list) else [value]):
-                tensorboard.add_scalar(key if not isinstance(value, list) else f"{key}/net{i}", v, record["epoch"])
-        tensorboard.flush()
-    print(f"epoch {record['epoch']}: " + ", ".join(f"{k} {v:.2f}" for k, v in val.items() if k.endswith("top1")),
-          flush=True)
+class EpochLog:
+    """Rank 0's record of each epoch: a line of metrics.jsonl, TensorBoard scalars in
+    <output>/tensorboard when tensorboard is installed (opened with the first record), the top-1s printed."""
+
+    def __init__(self, output: str):
+        self.output, self.metrics_path = output, os.path.join(output, METRICS)
+        self.tensorboard, self.opened = None, False
+
+    def write(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not self.opened:
+            self.tensorboard, self.opened = tensorboard_writer(self.output), True
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                for i, v in enumerate(value if isinstance(value, list) else [value]):
+                    self.tensorboard.add_scalar(key if not isinstance(value, list) else f"{key}/net{i}", v,
+                                                record["epoch"])
+            self.tensorboard.flush()
+        print(f"epoch {record['epoch']}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k.endswith("top1")),
+              flush=True)
 
 
 def tensorboard_writer(output: str):
-    """TensorBoard event files in <output>/tensorboard when tensorboard is installed."""
+    """A TensorBoard writer of event files in <output>/tensorboard; None when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

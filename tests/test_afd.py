@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchvision
 
 from afd_fast import reference
+from afd_fast.errors import ConfigError
 from afd_fast.methods import METHODS, method_spec, peer_of
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep, gradient_sets
@@ -183,11 +184,11 @@ def test_every_method_takes_a_step(method):
 
 def test_bad_method_and_network_count():
     nets = [build_network("resnet20", 10)]
-    with pytest.raises(ValueError, match="unknown method 'afdd'"):
+    with pytest.raises(ConfigError, match="unknown method 'afdd'"):
         AFDModel(nets * 2, method="afdd")
-    with pytest.raises(ValueError, match="needs at least 2"):
+    with pytest.raises(ConfigError, match="needs at least 2"):
         AFDModel(nets, method="afd")
-    with pytest.raises(ValueError, match="exactly 2 networks"):
+    with pytest.raises(ConfigError, match="exactly 2 networks"):
         AFDModel([build_network("resnet20", 10) for _ in range(3)], method="afd", topology="pair")
     AFDModel(nets, method="vanilla")  # one network alone is fine without distillation
 
