@@ -56,6 +56,14 @@ def build_network(name: str, num_classes: int, pretrained: str | None = None) ->
     problem = network_problem(key)
     if problem:
         raise ConfigError(problem)
+    network = _build(key, num_classes, pretrained)
+    note = batch_norm_note(key, network)
+    if note:
+        print(note, flush=True)
+    return network
+
+
+def _build(key: str, num_classes: int, pretrained: str | None) -> SplitNetwork:
     source, _, tag = (pretrained or "").partition(":")
     if source == "torchvision":
         return build_torchvision(key, num_classes, weights=tag or "DEFAULT")
@@ -65,6 +73,24 @@ def build_network(name: str, num_classes: int, pretrained: str | None = None) ->
     if pretrained:  # a local file, loaded strictly
         network.load_plain_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
     return network
+
+
+def batch_norm_note(name: str, network: torch.nn.Module) -> str | None:
+    """A note for networks whose batch norms keep their running statistics with a momentum below
+    PyTorch's 0.1 (torchvision's MobileNet v3, EfficientNet b5-b7, MaxViT: 0.01; MNASNet: 0.0003):
+    evaluation uses those statistics, which follow the weights only over ~1/momentum steps, so a
+    short run is evaluated with statistics far from its weights' (the model's own setting, kept)."""
+    momenta = {m.momentum for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    slow = min((m for m in momenta if m is not None), default=0.1)
+    if slow >= 0.1:
+        return None
+    steps = round(1 / slow)
+    return (f"note: {name}'s batch norms keep their running statistics with momentum {slow:.2g} (PyTorch's "
+            f"default: 0.1), as its library builds it: these statistics, which evaluation uses, follow the "
+            f"weights over ~{steps} steps (1/momentum; fresh, they start at mean 0 and variance 1), so a run of "
+            f"not many times {steps} steps is evaluated with statistics far from its weights' (accuracy can stay "
+            "near chance although the network learns; README, 'Your own networks'): start from pre-trained "
+            "weights or train longer")
 
 
 def parse_pretrained(value, archs) -> tuple[str, ...] | None:
