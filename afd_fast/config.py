@@ -45,7 +45,7 @@ DEFAULTS = dict(
     workers=2, loader="auto", skip_bad_files=False, verify_images=False, batched_backward=False,
     hw_decoder_load=0.65, prefetch=2)
 # settings that define what the run trains: --resume refuses a checkpoint that differs in one
-RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size")
+RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size", "network_image_sizes")
 NOT_SETTINGS = ("config", "print_config", "resume")  # actions of one command, not part of a run
 
 
@@ -77,6 +77,7 @@ class Config:
     adv_lr_decay: float
     adv_weight_decay: float
     image_size: int
+    network_image_sizes: tuple[int, ...]  # () : every network at image_size
     # the run
     output: str
     seed: int
@@ -226,6 +227,10 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     sched.add_argument("--adv-lr-decay", type=float, help="the Adam step schedule's factor (default 0.1)")
     sched.add_argument("--adv-weight-decay", type=float, help="Adam weight decay (default 0.1, the paper's)")
     sched.add_argument("--image-size", type=int, help="training crop, pixels (32 for CIFAR recipes, 224 for ImageNet's)")
+    sched.add_argument("--network-image-sizes", metavar="S1,S2,...",
+                       help="each network's own input size, one per --arch entry (e.g. 299,224): the loader crops at "
+                            "--image-size and each network's input is resized to its size on the device (bilinear, "
+                            "antialiased), in training and evaluation; default: every network at --image-size")
 
     data = p.add_argument_group("data loading")
     data.add_argument("--workers", type=int,
@@ -287,7 +292,7 @@ def _kinds(parser: argparse.ArgumentParser) -> dict[str, tuple]:
             continue
         if isinstance(action, argparse.BooleanOptionalAction):
             kind = bool
-        elif action.dest in ("arch", "pretrained", "milestones", "adv_milestones"):
+        elif action.dest in ("arch", "pretrained", "milestones", "adv_milestones", "network_image_sizes"):
             kind = list
         else:
             kind = action.type or str
@@ -393,6 +398,21 @@ def choose_recipe(data: str | None, archs, pretrained) -> tuple[str, str]:
 def _names(value) -> list[str]:
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
     return [a.strip().lower() for a in items if a.strip()]
+
+
+def _network_image_sizes(value, archs: list[str], method: str, flag: str) -> tuple[int, ...]:
+    """One input size per network, or () for all at --image-size."""
+    if value is None or value == "" or value == []:
+        return ()
+    parts = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ConfigError(f"{flag} {value!r}: give positive whole numbers of pixels, e.g. 299,224")
+    if len(parts) != len(archs):
+        raise ConfigError(f"{flag} has {len(parts)} sizes for {len(archs)} networks (--arch): give one per network")
+    sizes = tuple(int(p) for p in parts)
+    if method_spec(method).shared_low_layers and len(set(sizes)) > 1:
+        raise ConfigError(f"{flag}: --method {method} shares its low layers between the networks: one image size")
+    return sizes
 
 
 def _epochs_list(value, flag: str) -> tuple[int, ...]:
@@ -501,6 +521,8 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
         raise ConfigError(f"{origin('label_smoothing')} must lie in [0, 1), got {sched['label_smoothing']:g}")
     if sched["image_size"] < 1:
         raise ConfigError(f"{origin('image_size')} must be at least 1, got {sched['image_size']}")
+    network_image_sizes = _network_image_sizes(given.get("network_image_sizes"), archs, method,
+                                               origin("network_image_sizes"))
 
     # the run
     run = {k: given.get(k, DEFAULTS.get(k)) for k in ("output", "seed", "max_steps", "print_every", "sync_bn",
@@ -542,7 +564,8 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
         raise ConfigError(f"{origin('temperature')} must be positive, got {temperature:g}")
 
     return Config(arch=tuple(archs), method=method, topology=topology, data=data, pretrained=pretrained,
-                  temperature=temperature, recipe=recipe_name, **sched, device=device, amp=amp,
+                  temperature=temperature, recipe=recipe_name, **sched, network_image_sizes=network_image_sizes,
+                  device=device, amp=amp,
                   channels_last=channels_last, cuda_graph=cuda_graph, **run, world_size=world_size,
                   recipe_batch=recipe["batch_size"], recipe_reason=reason, notes=tuple(notes),
                   resume=flags.get("resume"), print_config=bool(flags.get("print_config")))

@@ -18,6 +18,8 @@ teacher), the ablations without KD or without the adversarial term, and DML (who
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,10 +62,13 @@ def transfer_layer(cin: int, cout: int, size: tuple[int, int] | None = None,
 
 class AFDModel(nn.Module):
     """The K networks with their transfer layers and discriminators (ONE: its gate), and the
-    method's losses. ``temperature``: None for the method's default (:class:`MethodSpec`)."""
+    method's losses. ``temperature``: None for the method's default (:class:`MethodSpec`).
+    ``image_size``: the size of the images the networks get, or one size per network: then each
+    network's input is resized to its own size (:meth:`network_input`) and the feature maps meet
+    through the transfer layers as maps of other shapes do."""
 
     def __init__(self, networks: list[SplitNetwork], method: str = "afd", topology: str = "cyclic",
-                 image_size: int = 32, temperature: float | None = None, fused_losses: bool = True,
+                 image_size: int | Sequence[int] = 32, temperature: float | None = None, fused_losses: bool = True,
                  label_smoothing: float = 0.0):
         super().__init__()
         self.spec = spec = method_spec(method)
@@ -73,7 +78,14 @@ class AFDModel(nn.Module):
         k = len(networks)
         if k < 2 and method != "vanilla":
             raise ConfigError(f"method {method!r} distils between networks: it needs at least 2, got {k}")
+        per_network = not isinstance(image_size, int)
+        if per_network and len(image_size) != k:
+            raise ConfigError(f"{len(image_size)} image sizes for {k} networks: give one per network")
+        self.input_sizes = tuple(image_size) if per_network else (None,) * k  # None: as the images come
+        sizes = tuple(image_size) if per_network else (image_size,) * k
         if spec.shared_low_layers:
+            if len(set(sizes)) > 1:
+                raise ConfigError(f"method {method!r} shares its low layers between the networks: one image size")
             share_low_layers(networks)
         self.networks = nn.ModuleList(networks)
         self.temperature = spec.temperature if temperature is None else temperature
@@ -94,7 +106,7 @@ class AFDModel(nn.Module):
         self.discriminators = nn.ModuleList()
         if spec.adversarial or spec.l1:
             # the shapes the networks really produce (one forward on fake tensors)
-            shapes = [probe_shape(n.features, n, image_size) for n in networks]
+            shapes = [probe_shape(n.features, n, size) for n, size in zip(networks, sizes)]
             # online: every map to the largest channel count; offline: the students' maps to the teacher's;
             # space: every map pooled to the smallest height and width (the teacher's too: no parameters)
             common = shapes[-1][0] if spec.frozen_teacher else max(s[0] for s in shapes)
@@ -102,7 +114,7 @@ class AFDModel(nn.Module):
             self.transfers.extend(transfer_layer(s[0], common, s[1:], space) for s in shapes)
             if spec.adversarial:
                 self.discriminators.extend(Discriminator(common, *space) for _ in networks)
-        self.gate = Gate(probe_shape(networks[0].low_level, networks[0], image_size)[0], k) if spec.weights == "gated" else None
+        self.gate = Gate(probe_shape(networks[0].low_level, networks[0], sizes[0])[0], k) if spec.weights == "gated" else None
         if spec.frozen_teacher:
             self.networks[-1].requires_grad_(False)
             self.networks[-1].eval()
@@ -153,8 +165,8 @@ class AFDModel(nn.Module):
         batched backward (see :func:`gradient_sets`)."""
         losses = self.losses
         spec, k = self.spec, len(self.networks)
-        shared = self.networks[0].low_level(images) if spec.shared_low_layers else None
-        features = [self._features(i, images, shared) for i in range(k)]
+        shared = self.networks[0].low_level(self.network_input(0, images)) if spec.shared_low_layers else None
+        features = [self._features(i, self.network_input(i, images), shared) for i in range(k)]
         maps = [f.detach().requires_grad_() for f in features] if cut_at_features else features
         logits = [n.head(m) for n, m in zip(self.networks, maps)]
         z = torch.stack(logits)
@@ -195,6 +207,17 @@ class AFDModel(nn.Module):
                        d_loss=d_loss.detach(), d_own=d_own.detach(), d_peer=d_peer.detach())
         return out
 
+    def network_input(self, i: int, images: torch.Tensor) -> torch.Tensor:
+        """The images as network i takes them: resized to its own input size when it has one (a
+        comparison of shapes, no host sync: capturable)."""
+        size = self.input_sizes[i]
+        if size is None or tuple(images.shape[-2:]) == (size, size):
+            return images
+        if images.dtype == torch.float16 and images.device.type == "cpu":  # (no fp16 antialiasing kernel on CPUs)
+            return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                                 align_corners=False).half()
+        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
     def _features(self, i: int, images: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         network = self.networks[i]
         if self.spec.frozen_teacher and i == len(self.networks) - 1:
@@ -207,8 +230,8 @@ class AFDModel(nn.Module):
         """Logits of every network (``net<k>``) and, for ONE, of its gated ensemble
         (``gated_ensemble``), in the modules' current mode."""
         if not self.spec.shared_low_layers:
-            return {f"net{i}": n(images)[1] for i, n in enumerate(self.networks)}
-        shared = self.networks[0].low_level(images)
+            return {f"net{i}": n(self.network_input(i, images))[1] for i, n in enumerate(self.networks)}
+        shared = self.networks[0].low_level(self.network_input(0, images))
         logits = torch.stack([n.head(n.high_level(shared)) for n in self.networks])
         return {**{f"net{i}": z for i, z in enumerate(logits)},
                 "gated_ensemble": gated_ensemble(self.gate(shared), logits)}

@@ -214,10 +214,10 @@ class DualStep:
             logits = []
             for j, network in enumerate(model.networks):
                 if j == k:
-                    logits.append(network(images)[1])
+                    logits.append(network(model.network_input(j, images))[1])
                 else:
                     with torch.no_grad(), batch_statistics_only(network):
-                        logits.append(network(images)[1])
+                        logits.append(network(model.network_input(j, images))[1])
             loss, ce, kl = model.losses.mutual_distillation_loss(
                 torch.stack(logits), target, model.peer_weights, model.temperature,
                 label_smoothing=model.label_smoothing)

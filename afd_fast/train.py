@@ -333,7 +333,8 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
     the learning rates of each step)."""
     pretrained = config.pretrained or [None] * len(config.archs)  # library weights, a file, or "" (fresh)
     networks = [build_network(a, num_classes, p) for a, p in zip(config.archs, pretrained)]
-    model = AFDModel(networks, config.method, config.topology, config.image_size, config.temperature,
+    model = AFDModel(networks, config.method, config.topology, config.network_image_sizes or config.image_size,
+                     config.temperature,
                      label_smoothing=config.label_smoothing).to(device)
     model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.sync_bn and world > 1:
@@ -353,8 +354,11 @@ def print_start(config, world: int, device: torch.device, loaders) -> None:
           f"{device}, {loaders.train_size} training images in {loaders.num_classes} classes "
           f"({loaders.backend} loader), amp {config.amp}, "
           f"channels-last {'on' if config.channels_last else 'off'}, CUDA graph {'on' if config.cuda_graph else 'off'}")
+    sizes = (f" (networks: {', '.join(f'{a} {s}' for a, s in zip(config.archs, config.network_image_sizes))})"
+             if config.network_image_sizes else "")
     print(f"afd_fast: recipe {config.recipe} ({config.recipe_reason}); global batch {config.batch_size} "
-          f"({config.batch_per_process} per process x {world}), T {config.temperature:g}")
+          f"({config.batch_per_process} per process x {world}), T {config.temperature:g}, "
+          f"images {config.image_size} px{sizes}")
     print(f"afd_fast: schedule: {config.describe_schedule()}")
 
 
@@ -448,7 +452,8 @@ def write_outputs(config: Config, model: AFDModel, history: list[dict], loaders)
                "epochs": last.get("epoch", 0), "steps": last.get("step", 0), "global_batch": config.batch_size,
                "batch_per_process": config.batch_per_process, "lr": config.effective_lr, "temperature": config.temperature,
                "recipe": config.recipe, "recipe_changes": recipe_changes(config), "max_steps": config.max_steps,
-               "lr_schedule": config.lr_schedule, "image_size": config.image_size, "classes": loaders.num_classes,
+               "lr_schedule": config.lr_schedule, "image_size": config.image_size,
+               "network_image_sizes": list(config.network_image_sizes), "classes": loaders.num_classes,
                "train_images": loaders.train_size, "pretrained": bool(config.pretrained and any(config.pretrained)),
                "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1),
                **metrics.final_accuracy(history, len(model.trained_networks())), "val_images": last.get("val_images")}

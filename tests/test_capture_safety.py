@@ -309,9 +309,11 @@ class Case:
     batched: bool = False
     channels_last: bool = True
     all_reduce: bool = False
+    sizes: tuple | None = None  # each network's own image size (--network-image-sizes)
 
     def __str__(self):
         return (f"{self.method}-{self.topology}-{'+'.join(self.archs)}-amp_{self.amp}"
+                f"{'-sizes_' + 'x'.join(map(str, self.sizes)) if self.sizes else ''}"
                 f"{'-batched' if self.batched else ''}{'-contiguous' if not self.channels_last else ''}"
                 f"{'-allreduce' if self.all_reduce else ''}")
 
@@ -332,6 +334,8 @@ CASES = (
     # your own networks (issue 14): a heterogeneous torchvision pair, a timm pair, both with resnet8
     + [Case(archs=("mobilenet_v3_small", "resnet18"), amp="bf16"),
        Case(archs=("timm:mobilenetv3_small_050", "timm:resnet10t", "resnet8"), topology="cyclic", amp="fp16")]
+    # each network at its own image size: the resize is in the captured step
+    + [Case(sizes=(SIZE, SIZE // 2), amp="fp16"), Case(method="dml", sizes=(SIZE // 2, SIZE), amp="bf16")]
 )
 
 
@@ -340,7 +344,7 @@ def build_step(case: Case, seed: int = 0, network=None, cls=DualStep, fused_loss
     ``cls``, ``fused_losses``: the deliberate hazards of the tests that the checker must catch)."""
     torch.manual_seed(seed)
     networks = [(network or NETWORKS[a])() if i == 0 else NETWORKS[a]() for i, a in enumerate(case.archs)]
-    model = AFDModel(networks, case.method, case.topology, SIZE, 3.0, fused_losses=fused_losses).to("cpu")
+    model = AFDModel(networks, case.method, case.topology, case.sizes or SIZE, 3.0, fused_losses=fused_losses).to("cpu")
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     step = cls(model, lr=0.05, weight_decay=1e-4, adv_lr=1e-3,

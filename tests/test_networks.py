@@ -17,6 +17,7 @@ time (``_finite_gradients``).
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 
 import pytest
@@ -31,7 +32,7 @@ from afd_fast.models import (TORCHVISION_NETWORKS, UnsplittableNetwork, WeightsN
                              network_problem, parse_pretrained)
 from afd_fast.models.cifar import CifarResNet
 from afd_fast.models.library import GraphSplitNetwork, _torchvision_kwargs, torchvision_weight_file
-from afd_fast.step import gradient_sets
+from afd_fast.step import DualStep, gradient_sets
 
 try:
     import timm
@@ -425,6 +426,52 @@ def test_heterogeneous_peers_train_through_the_cli(tmp_path, tiny_data, arch, me
     names = arch.split(",")
     for i, name in enumerate(names):
         assert os.path.exists(os.path.join(out, f"network{i}_{name}.pt"))
+
+
+def test_each_network_takes_its_own_image_size():
+    """--network-image-sizes: network i sees the batch resized to its own size (bilinear, antialiased),
+    in the training forward, in DML's update and in evaluation; the maps of other spatial sizes meet
+    through the transfer layers, and the discriminators are built from the shapes each size gives."""
+    torch.manual_seed(0)
+    nets = [build_network("resnet20", CLASSES), build_network("resnet20", CLASSES)]
+    model = AFDModel(nets, "afd", "pair", [32, 16]).eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    small = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    got = model.predict(x)
+    torch.testing.assert_close(got["net0"], nets[0](x)[1])
+    torch.testing.assert_close(got["net1"], nets[1](small)[1])
+    assert not torch.allclose(nets[1](x)[1], got["net1"])  # the resize is not a no-op
+    # resnet20's maps: 64 x 8 x 8 at 32 px, 64 x 4 x 4 at 16 px: the first is pooled to 4 x 4
+    assert isinstance(model.transfers[0][0], torch.nn.AdaptiveAvgPool2d)
+    assert isinstance(model.transfers[1], torch.nn.Identity)
+    assert [d.conv2.kernel_size for d in model.discriminators] == [(2, 2), (2, 2)]
+    losses = model.train()(x, y)
+    for params, grads in gradient_sets(model, losses):
+        assert all(torch.isfinite(g).all() for g in grads)
+    dml = AFDModel(nets, "dml", "pair", [32, 16])
+    seen = []
+    hook = nets[1].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    DualStep(dml, lr=0.01)(x, y, turn=0)
+    hook.remove()
+    assert seen == [(16, 16)]
+    with pytest.raises(ConfigError, match="one per network"):
+        AFDModel(nets, "afd", "pair", [32])
+    with pytest.raises(ConfigError, match="one image size"):
+        AFDModel([build_network("resnet20", CLASSES) for _ in range(2)], "one", "pair", [32, 16])
+
+
+def test_network_image_sizes_through_the_cli(tmp_path, tiny_data, capsys):
+    out = str(tmp_path / "out")
+    summary = train.main(["--data", tiny_data, "--output", out, "--workers", "0", "--batch-size", "4", "--epochs", "1",
+                          "--max-steps", "2", "--image-size", "32", "--network-image-sizes", "48,32",
+                          "--arch", "mobilenet_v3_small,resnet20", "--print-every", "1000"])
+    assert summary["steps"] == 2 and summary["network_image_sizes"] == [48, 32]
+    assert "networks: mobilenet_v3_small 48, resnet20 32" in capsys.readouterr().out
+    for bad, message in [("48", "2 sizes|1 sizes"), ("48,x", "positive whole numbers")]:
+        with pytest.raises(SystemExit):
+            train.main(["--data", tiny_data, "--output", out, "--arch", "mobilenet_v3_small,resnet20",
+                        "--network-image-sizes", bad])
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_one_keeps_identical_networks(tmp_path, tiny_data, capsys):
