@@ -15,7 +15,6 @@ otherwise (for torchrun --max-restarts and requeued jobs).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -26,14 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from afd_fast import checkpoint, metrics, preemption, run_state
-from afd_fast.config import Config, parse as parse_config, recipe_changes
+from afd_fast import checkpoint, metrics, preemption, run_dir, run_state
+from afd_fast.config import Config, parse as parse_config
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep
 from afd_fast.data import build_loaders, synthetic_image_folder
 from afd_fast.errors import AfdFastError, NonFiniteLoss, exit_with
 from afd_fast.graph import GraphedStep
-from afd_fast.plotting import pyplot
 from afd_fast.schedule import LearningRates
 from afd_fast.models import build_network
 
@@ -97,13 +95,13 @@ def main(argv=None) -> dict:
         found = run_state.find_checkpoint(config, rank, world)
         trainer = Trainer(config, rank, world, device, control, writer, resume_hint, resume_from=found)
         if rank == 0:
-            prepare_run_dir(config, writer, found)
+            run_dir.prepare(config, writer, found)
             print_start(config, world, device, trainer.loaders)
         try:
             trainer.fit()
         finally:
             trainer.close()
-        summary = write_outputs(config, trainer.model, trainer.run.history, trainer.loaders) if rank == 0 else {}
+        summary = run_dir.write_outputs(config, trainer.model, trainer.run.history, trainer.loaders) if rank == 0 else {}
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
@@ -114,7 +112,7 @@ class Trainer:
     (:class:`afd_fast.run_state.Progress`), its checkpoints (written by rank 0's ``writer``) and the
     stop agreement (``control``, :mod:`afd_fast.preemption`). :meth:`fit` is the training loop.
     Building one writes nothing in --output: ``resume_from`` is a checkpoint already read
-    (:func:`afd_fast.run_state.find_checkpoint`), and :func:`prepare_run_dir` sets the folder up."""
+    (:func:`afd_fast.run_state.find_checkpoint`), and :func:`afd_fast.run_dir.prepare` sets the folder up."""
 
     def __init__(self, config, rank: int, world: int, device: torch.device, control: preemption.StopControl,
                  writer: checkpoint.CheckpointWriter | None, resume_hint: str, resume_from=None):
@@ -135,7 +133,7 @@ class Trainer:
             self.loader_state = run_state.restore(ckpt, self.run, self.model, self.dual_step, self.rates, self.loaders,
                                                   config, rank, world, device)
         self.saved_at_step = self.run.steps_done  # the newest checkpoint's: nothing to save on a stop before the next
-        self.log = EpochLog(config.output) if self.is_main else None
+        self.log = run_dir.EpochLog(config.output) if self.is_main else None
         self.meter = Meter()
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -362,78 +360,6 @@ def print_start(config, world: int, device: torch.device, loaders) -> None:
     print(f"afd_fast: schedule: {config.describe_schedule()}")
 
 
-# --- the output folder -----------------------------------------------------------------------------
-
-METRICS = "metrics.jsonl"
-
-
-def prepare_run_dir(config: Config, writer: checkpoint.CheckpointWriter, found) -> None:
-    """Rank 0's start in --output, once the run is built (a resume refused as another run's writes
-    nothing): a fresh run (found None) sets an earlier run's checkpoints aside and starts metrics.jsonl
-    anew; a resumed one sets the damaged newer checkpoints aside and rewrites metrics.jsonl with the
-    checkpoint's epochs. Then config.yaml."""
-    os.makedirs(config.output, exist_ok=True)
-    metrics_path = os.path.join(config.output, METRICS)
-    checkpoint.remove_temporaries(config.output)
-    if found is None:
-        if config.resume == "auto":
-            print(f"afd_fast: --resume auto: no checkpoint in {config.output}: starting fresh")
-        writer.start_fresh()
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    else:
-        path, ckpt, damaged = found
-        for bad, message in damaged:
-            print(f"afd_fast: {message}: resuming from {path} instead; the damaged file is kept as "
-                  f"{bad}.damaged", file=sys.stderr)
-        checkpoint.set_aside([bad for bad, _ in damaged])  # never resumed from, nor rotated into previous.pt
-        with open(metrics_path, "w") as f:  # the records of the epochs that the checkpoint has
-            f.writelines(json.dumps(r) + "\n" for r in ckpt["history"])
-        writer.continue_from(ckpt)
-        print(f"afd_fast: resumed from {path} ({checkpoint.describe(ckpt)})", flush=True)
-    write_config(config)
-
-
-def write_config(config: Config) -> None:
-    """<output>/config.yaml: the resolved configuration (--config that file repeats the run)."""
-    path = os.path.join(config.output, "config.yaml")
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_yaml())
-    os.replace(path + ".tmp", path)
-
-
-class EpochLog:
-    """Rank 0's record of each epoch: a line of metrics.jsonl, TensorBoard scalars in
-    <output>/tensorboard when tensorboard is installed (opened with the first record), the top-1s printed."""
-
-    def __init__(self, output: str):
-        self.output, self.metrics_path = output, os.path.join(output, METRICS)
-        self.tensorboard, self.opened = None, False
-
-    def write(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if not self.opened:
-            self.tensorboard, self.opened = tensorboard_writer(self.output), True
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                for i, v in enumerate(value if isinstance(value, list) else [value]):
-                    self.tensorboard.add_scalar(key if not isinstance(value, list) else f"{key}/net{i}", v,
-                                                record["epoch"])
-            self.tensorboard.flush()
-        print(f"epoch {record['epoch']}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items() if k.endswith("top1")),
-              flush=True)
-
-
-def tensorboard_writer(output: str):
-    """A TensorBoard writer of event files in <output>/tensorboard; None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(output, "tensorboard"))
-
-
 def check_finite(loss_sums: dict, step: int, archs: list[str]) -> None:
     """Stop on NaN/inf in the epoch's running loss sums, naming the network and the step."""
     for key, value in loss_sums.items():
@@ -442,51 +368,6 @@ def check_finite(loss_sums: dict, step: int, archs: list[str]) -> None:
             k = bad[0]
             raise NonFiniteLoss(f"non-finite {key} by step {step} for network {k} ({archs[k]}); "
                                 "the checkpoints keep the last finite state: lower --lr or --adv-lr and --resume")
-
-
-def write_outputs(config: Config, model: AFDModel, history: list[dict], loaders) -> dict:
-    last = history[-1] if history else {}
-    k = len(config.archs)
-    # what the run was (benchmarks/accuracy.py sets a run beside the paper's number only when it matches)
-    summary = {"method": config.method, "archs": config.archs, "topology": config.topology,
-               "epochs": last.get("epoch", 0), "steps": last.get("step", 0), "global_batch": config.batch_size,
-               "batch_per_process": config.batch_per_process, "lr": config.effective_lr, "temperature": config.temperature,
-               "recipe": config.recipe, "recipe_changes": recipe_changes(config), "max_steps": config.max_steps,
-               "lr_schedule": config.lr_schedule, "image_size": config.image_size,
-               "network_image_sizes": list(config.network_image_sizes), "classes": loaders.num_classes,
-               "train_images": loaders.train_size, "pretrained": bool(config.pretrained and any(config.pretrained)),
-               "img_per_s": sum(h["img_per_s"] for h in history) / max(len(history), 1),
-               **metrics.final_accuracy(history, len(model.trained_networks())), "val_images": last.get("val_images")}
-    with open(os.path.join(config.output, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    for i, (arch, net) in enumerate(zip(config.archs, model.networks)):
-        checkpoint.write_durably({n: t.cpu() for n, t in net.plain_state_dict().items()},
-                                 os.path.join(config.output, f"network{i}_{arch}.pt"), rotate=False)
-    plot_curves(history, k, os.path.join(config.output, "curves.png"))
-    print(json.dumps(summary, indent=2))
-    return summary
-
-
-def plot_curves(history: list[dict], k: int, path: str) -> None:
-    plt = pyplot("curves.png")
-    if plt is None or not history:
-        return
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for i in range(k):
-        if "train_ce" in history[0]:
-            ax_loss.plot(epochs, [h["train_ce"][i] + h.get("train_kl", [0] * k)[i] for h in history],
-                         label=f"network {i}")
-        ax_acc.plot(epochs, [h[f"net{i}_top1"] for h in history], label=f"network {i}")
-    ax_acc.plot(epochs, [h["ensemble_top1"] for h in history], "k--", label="ensemble")
-    ax_loss.set(xlabel="epoch", ylabel="training logit loss (CE + KD)", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="validation top-1 (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

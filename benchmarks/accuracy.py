@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import paper_tables  # noqa: E402
 
-from afd_fast import train  # noqa: E402
+from afd_fast import run_dir, train  # noqa: E402
 from afd_fast.errors import AfdFastError, TrainingInterrupted, exit_with, signal_name  # noqa: E402
 from afd_fast.methods import METHODS, architecture_problem, method_spec  # noqa: E402
 from afd_fast.plotting import pyplot  # noqa: E402
@@ -210,7 +210,7 @@ def evaluate_as_they_are(argv: list[str]) -> dict:
     model, step, _, _ = train.build_training(config, loaders.num_classes, 1, device, loaders.steps_per_epoch)
     val = metrics.evaluate(model, loaders.val, device, step.amp_dtype)
     os.makedirs(config.output, exist_ok=True)
-    return train.write_outputs(config, model, [{"epoch": 0, "step": 0, "img_per_s": 0.0, **val}], loaders)
+    return run_dir.write_outputs(config, model, [{"epoch": 0, "step": 0, "img_per_s": 0.0, **val}], loaders)
 
 
 def _train_in_process(argv: list[str], log_path: str, run=None):
