@@ -185,20 +185,24 @@ class DualStep:
         with self._autocast():
             losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
-        sets = gradient_sets(self.model, losses, scale)
-        if self.average_gradients is not None:  # all three sets in one collective
+        self._apply(gradient_sets(self.model, losses, scale), list(self.optimizers.values()))
+        return losses
+
+    def _apply(self, sets: list[tuple[list, list]], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Each gradient set to its optimizer: averaged across processes (all sets in one collective),
+        unscaled under fp16 (an overflow skips that optimizer's step on the device), then the steps.
+        All sets exist before the first step; an extractor parameter is in two sets, so each
+        optimizer gets its own gradients right before it steps."""
+        if self.average_gradients is not None:
             self.average_gradients([g for _, grads in sets for g in grads])
         if self.loss_scale is not None:
             found_infs = self.loss_scale.unscale_([grads for _, grads in sets])
-            for optimizer, found_inf in zip(self.optimizers.values(), found_infs):
+            for optimizer, found_inf in zip(optimizers, found_infs):
                 optimizer.grad_scale, optimizer.found_inf = None, found_inf
-        # All sets exist before the first step; an extractor parameter is in two sets, so each
-        # optimizer gets its own gradients right before it steps.
-        for (params, grads), optimizer in zip(sets, self.optimizers.values()):
+        for (params, grads), optimizer in zip(sets, optimizers):
             _step_with(optimizer, params, grads)
         if self.loss_scale is not None:
             self.loss_scale.update(found_infs)
-        return losses
 
     def _dml_update(self, images: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
         """DML as its authors' code runs it (Zhang et al., 2018): each step updates ONE network, k, on
@@ -208,31 +212,22 @@ class DualStep:
         fitted to the very batch it sees. As in that code, the peers normalise with the batch's
         statistics (training mode) without changing their running statistics; network k's forward
         updates its own. The losses of every network on this batch are returned for logging."""
-        model, optimizer = self.model, self.optimizers["logit"]
-        student = model.networks[k]
+        model = self.model
         with self._autocast():
             logits = []
             for j, network in enumerate(model.networks):
-                if j == k:
+                peer = j != k
+                with torch.set_grad_enabled(not peer), batch_statistics_only(network) if peer else contextlib.nullcontext():
                     logits.append(network(model.network_input(j, images))[1])
-                else:
-                    with torch.no_grad(), batch_statistics_only(network):
-                        logits.append(network(model.network_input(j, images))[1])
             loss, ce, kl = model.losses.mutual_distillation_loss(
                 torch.stack(logits), target, model.peer_weights, model.temperature,
                 label_smoothing=model.label_smoothing)
-        params = list(student.parameters())
+        params = list(model.networks[k].parameters())
         scale = self.loss_scale.scale if self.loss_scale is not None else None
         grads = torch.autograd.grad(loss[k] if scale is None else loss[k] * scale, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if self.average_gradients is not None:
-            self.average_gradients(grads)
-        if self.loss_scale is not None:
-            found_infs = self.loss_scale.unscale_([grads])
-            optimizer.grad_scale, optimizer.found_inf = None, found_infs[0]
-        _step_with(optimizer, params, grads)  # only network k has gradients: SGD leaves the others alone
-        if self.loss_scale is not None:
-            self.loss_scale.update(found_infs)
+        # only network k has gradients: SGD leaves the others alone
+        self._apply([(params, grads)], [self.optimizers["logit"]])
         return {"ce": ce, "kl": kl, "logit": loss.detach().sum()}
 
     def state_dict(self) -> dict:
