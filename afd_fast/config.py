@@ -400,19 +400,17 @@ def _names(value) -> list[str]:
     return [a.strip().lower() for a in items if a.strip()]
 
 
-def _network_image_sizes(value, archs: list[str], method: str, flag: str) -> tuple[int, ...]:
-    """One input size per network, or () for all at --image-size."""
-    if value is None or value == "" or value == []:
+def _network_image_sizes(value, archs: list[str], flag: str) -> tuple[int, ...]:
+    """One input size per network, or () for all at --image-size (what a method allows, e.g. ONE's one
+    size, AFDModel checks)."""
+    if not value:
         return ()
     parts = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
     if not all(p.isdigit() and int(p) >= 1 for p in parts):
         raise ConfigError(f"{flag} {value!r}: give positive whole numbers of pixels, e.g. 299,224")
     if len(parts) != len(archs):
         raise ConfigError(f"{flag} has {len(parts)} sizes for {len(archs)} networks (--arch): give one per network")
-    sizes = tuple(int(p) for p in parts)
-    if method_spec(method).shared_low_layers and len(set(sizes)) > 1:
-        raise ConfigError(f"{flag}: --method {method} shares its low layers between the networks: one image size")
-    return sizes
+    return tuple(int(p) for p in parts)
 
 
 def _epochs_list(value, flag: str) -> tuple[int, ...]:
@@ -521,8 +519,7 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
         raise ConfigError(f"{origin('label_smoothing')} must lie in [0, 1), got {sched['label_smoothing']:g}")
     if sched["image_size"] < 1:
         raise ConfigError(f"{origin('image_size')} must be at least 1, got {sched['image_size']}")
-    network_image_sizes = _network_image_sizes(given.get("network_image_sizes"), archs, method,
-                                               origin("network_image_sizes"))
+    network_image_sizes = _network_image_sizes(given.get("network_image_sizes"), archs, origin("network_image_sizes"))
 
     # the run
     run = {k: given.get(k, DEFAULTS.get(k)) for k in ("output", "seed", "max_steps", "print_every", "sync_bn",
@@ -565,8 +562,7 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
 
     return Config(arch=tuple(archs), method=method, topology=topology, data=data, pretrained=pretrained,
                   temperature=temperature, recipe=recipe_name, **sched, network_image_sizes=network_image_sizes,
-                  device=device, amp=amp,
-                  channels_last=channels_last, cuda_graph=cuda_graph, **run, world_size=world_size,
+                  device=device, amp=amp, channels_last=channels_last, cuda_graph=cuda_graph, **run, world_size=world_size,
                   recipe_batch=recipe["batch_size"], recipe_reason=reason, notes=tuple(notes),
                   resume=flags.get("resume"), print_config=bool(flags.get("print_config")))
 

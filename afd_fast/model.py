@@ -79,10 +79,10 @@ class AFDModel(nn.Module):
         if k < 2 and method != "vanilla":
             raise ConfigError(f"method {method!r} distils between networks: it needs at least 2, got {k}")
         per_network = not isinstance(image_size, int)
-        if per_network and len(image_size) != k:
-            raise ConfigError(f"{len(image_size)} image sizes for {k} networks: give one per network")
-        self.input_sizes = tuple(image_size) if per_network else (None,) * k  # None: as the images come
         sizes = tuple(image_size) if per_network else (image_size,) * k
+        if len(sizes) != k:
+            raise ConfigError(f"{len(sizes)} image sizes for {k} networks: give one per network")
+        self.input_sizes = sizes if per_network else (None,) * k  # None: as the images come
         if spec.shared_low_layers:
             if len(set(sizes)) > 1:
                 raise ConfigError(f"method {method!r} shares its low layers between the networks: one image size")

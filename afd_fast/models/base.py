@@ -5,6 +5,8 @@ import contextlib
 import torch
 from torch import nn
 
+from afd_fast.errors import ConfigError
+
 
 class SplitNetwork(nn.Module):
     """A classifier as G (``features``: image -> last conv feature map) and ``head`` (-> logits).
@@ -53,9 +55,7 @@ def probe_shape(stage, network: nn.Module, image_size: int) -> tuple[int, ...]:
     the network's state untouched). A forward that fake tensors cannot run (an op that reads a value,
     which fake tensors do not have) gets a real one on zero images, still in eval mode; if that fails
     too, its error is the one reported."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from afd_fast.errors import ConfigError
+    from torch._subclasses.fake_tensor import FakeTensorMode  # (private: imported only where used)
 
     was_training = network.training
     network.eval()
