@@ -27,6 +27,8 @@ import subprocess
 import sys
 import textwrap
 
+from markdown_table import markdown_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join("csrc", "cuda", "ops_cuda.cu")
 BUILD = os.path.join(ROOT, "build", "kernels")
@@ -234,23 +236,20 @@ def training_spills(result: dict) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = ["| kernel | instantiation | registers | spill st/ld (bytes) | stack (bytes) | smem (bytes) | blocks/SM | occupancy |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for k in result["kernels"]:
-        lines.append(f"| {k['kernel']} | <{', '.join(k['template'])}> | {k['registers']} | "
-                     f"{k['spill_stores']}/{k['spill_loads']} | {k['stack_frame']} | {k['smem']} | "
-                     f"{k['blocks_per_sm']} ({k['limited_by']}) | {k['occupancy']:.0%} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["kernel", "instantiation", "registers", "spill st/ld (bytes)", "stack (bytes)", "smem (bytes)", "blocks/SM",
+         "occupancy"],
+        [[k["kernel"], f"<{', '.join(k['template'])}>", k["registers"], f"{k['spill_stores']}/{k['spill_loads']}",
+          k["stack_frame"], k["smem"], f"{k['blocks_per_sm']} ({k['limited_by']})", f"{k['occupancy']:.0%}"]
+         for k in result["kernels"]], "llrrrrrr")
 
 
 def launch_table(result: dict) -> str:
-    lines = ["| (M, B, C) | instantiation | registers | blocks | blocks/SM | SMs | waves | occupancy can matter |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in result["bf16_forward_launches"]:
-        lines.append(f"| ({r['M']}, {r['B']}, {r['C']}) | <{', '.join(r['instantiation'])}> | {r['registers']} | "
-                     f"{r['blocks']} | {r['blocks_per_sm']} | {r['sms']} | {r['waves']} | "
-                     f"{'yes' if r['occupancy_matters'] else 'no: one block per SM at most'} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["(M, B, C)", "instantiation", "registers", "blocks", "blocks/SM", "SMs", "waves", "occupancy can matter"],
+        [[f"({r['M']}, {r['B']}, {r['C']})", f"<{', '.join(r['instantiation'])}>", r["registers"], r["blocks"],
+          r["blocks_per_sm"], r["sms"], r["waves"], "yes" if r["occupancy_matters"] else "no: one block per SM at most"]
+         for r in result["bf16_forward_launches"]], "llrrrrrl")
 
 
 def main(argv=None) -> int:

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from markdown_table import markdown_table  # noqa: E402
 
 from afd_fast import ops, reference  # noqa: E402
 from afd_fast.graph import GraphedStep  # noqa: E402
@@ -329,38 +330,39 @@ def measure(configs: list[Config], device, iters: int, methods=METHODS, ks=None)
 
 
 def compare(predicted: list[dict], measured: list[dict], gpu: str) -> str:
-    lines = [f"| config | K | method | measured ms | predicted ms ({gpu}) | measured img/s | predicted img/s | measured / predicted |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    key = ("config", "archs", "K", "method", "batch", "image_size")
+    rows = []
     for m in measured:
-        key = ("config", "archs", "K", "method", "batch", "image_size")
         p = next((r for r in predicted if all(r[x] == m[x] for x in key)), None)
         if p is None:
             continue
         pr = p["predicted"][gpu]
-        lines.append(f"| {m['config']} | {m['K']} | {m['method']}{'' if m['captured'] else ' (not captured)'} | {m['ms']:.2f} | "
-                     f"{pr['ms']:.2f} | {m['img_per_s']:.0f} | {pr['img_per_s']:.0f} | {m['img_per_s'] / pr['img_per_s']:.2f} |")
-    return "\n".join(lines)
+        rows.append([m["config"], m["K"], f"{m['method']}{'' if m['captured'] else ' (not captured)'}", f"{m['ms']:.2f}",
+                     f"{pr['ms']:.2f}", f"{m['img_per_s']:.0f}", f"{pr['img_per_s']:.0f}",
+                     f"{m['img_per_s'] / pr['img_per_s']:.2f}"])
+    return markdown_table(["config", "K", "method", "measured ms", f"predicted ms ({gpu})", "measured img/s",
+                           "predicted img/s", "measured / predicted"], rows, "lrlrrrrr")
 
 
 def tables(payload: dict) -> str:
     """The README tables of a model.json."""
-    out = ["| config | K | method | GFLOP/step | vs vanilla | floor | ops/step eager | ops/step fused | kernels/replay "
-           "| H100 ms | H100 img/s | H200 ms | H200 img/s |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    steps = []
     for r in payload["steps"]:
-        floor = f"{r['floor_vs_vanilla']:.3f}x" if "floor_vs_vanilla" in r else ""
         h100, h200 = r["predicted"]["H100"], r["predicted"]["H200"]
-        out.append(f"| {r['config']} ({', '.join(r['archs'])}), {r['image_size']} px, batch {r['batch']} | {r['K']} | "
-                   f"{r['method']} | {r['gflops_per_step']:.1f} | {r['flops_vs_vanilla']:.3f}x | {floor} | "
-                   f"{r['ops_per_step_eager']:.0f} | {r['ops_per_step_fused']:.0f} | {r['kernels_per_replay']:.0f} | "
-                   f"{h100['ms']:.2f} | {h100['img_per_s']:,.0f} | {h200['ms']:.2f} | {h200['img_per_s']:,.0f} |")
-    out += ["", "| (K, B, C) bf16 | minimum bytes | fused bytes (L2 / no L2 reuse) | fused vs minimum | eager bytes "
-            "| eager ops | eager vs fused |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in payload["loss_bytes"]:
-        out.append(f"| ({r['K']}, {r['B']}, {r['C']}) | {r['minimum_bytes']:,} | {r['fused_bytes_l2']:,} / "
-                   f"{r['fused_bytes_no_l2']:,} | {r['fused_vs_minimum']:.2f}x | {r['eager_bytes']:,} | {r['eager_ops']} | "
-                   f"{r['eager_vs_fused']:.1f}x |")
-    return "\n".join(out)
+        steps.append([f"{r['config']} ({', '.join(r['archs'])}), {r['image_size']} px, batch {r['batch']}", r["K"],
+                      r["method"], f"{r['gflops_per_step']:.1f}", f"{r['flops_vs_vanilla']:.3f}x",
+                      f"{r['floor_vs_vanilla']:.3f}x" if "floor_vs_vanilla" in r else "",
+                      f"{r['ops_per_step_eager']:.0f}", f"{r['ops_per_step_fused']:.0f}", f"{r['kernels_per_replay']:.0f}",
+                      f"{h100['ms']:.2f}", f"{h100['img_per_s']:,.0f}", f"{h200['ms']:.2f}", f"{h200['img_per_s']:,.0f}"])
+    loss_bytes = [[f"({r['K']}, {r['B']}, {r['C']})", f"{r['minimum_bytes']:,}",
+                   f"{r['fused_bytes_l2']:,} / {r['fused_bytes_no_l2']:,}", f"{r['fused_vs_minimum']:.2f}x",
+                   f"{r['eager_bytes']:,}", r["eager_ops"], f"{r['eager_vs_fused']:.1f}x"] for r in payload["loss_bytes"]]
+    return "\n".join([
+        markdown_table(["config", "K", "method", "GFLOP/step", "vs vanilla", "floor", "ops/step eager", "ops/step fused",
+                        "kernels/replay", "H100 ms", "H100 img/s", "H200 ms", "H200 img/s"], steps, "lrlrrrrrrrrrr"),
+        "",
+        markdown_table(["(K, B, C) bf16", "minimum bytes", "fused bytes (L2 / no L2 reuse)", "fused vs minimum",
+                        "eager bytes", "eager ops", "eager vs fused"], loss_bytes, "lrrrrrr")])
 
 
 def main(argv=None) -> int:
