@@ -45,7 +45,8 @@ DEFAULTS = dict(
     workers=2, loader="auto", skip_bad_files=False, verify_images=False, batched_backward=False,
     hw_decoder_load=0.65, prefetch=2)
 # settings that define what the run trains: --resume refuses a checkpoint that differs in one
-RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size", "network_image_sizes")
+RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size", "network_image_sizes",
+                "dml_update")
 NOT_SETTINGS = ("config", "print_config", "resume")  # actions of one command, not part of a run
 
 
@@ -58,6 +59,7 @@ class Config:
     data: str | None
     pretrained: tuple[str, ...] | None
     temperature: float
+    dml_update: str  # "sync", or "alternate" (DML only)
     # the schedule (from the recipe unless set)
     recipe: str
     epochs: int
@@ -162,8 +164,8 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     run.add_argument("--arch", help=f"comma-separated networks, one per peer (default {DEFAULTS['arch']}): "
                                     f"{ARCH_HELP}")
     run.add_argument("--method", choices=METHODS,
-                     help="afd (default); the paper's baselines: dml (one network per step, in turn, each on its "
-                          "own batch, as its authors' code), one (branches on "
+                     help="afd (default); the paper's baselines: dml (one forward, every network steps on CE + "
+                          "KL towards the others; see --dml-update), one (branches on "
                           "shared low layers, gated-ensemble teacher; identical CIFAR networks), kd (online, "
                           "mean-ensemble teacher), vanilla, l1, l1kd, l1kd-offline (--arch STUDENT,TEACHER with "
                           "--pretrained ,TEACHER.pt: the teacher frozen); ablations adv-only, kd-only (AFD without "
@@ -177,6 +179,12 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     run.add_argument("--pretrained", help=PRETRAINED_HELP)
     run.add_argument("--temperature", type=float,
                      help="KD temperature T (default: 1 for dml, as the DML paper; 3 otherwise, as the AFD paper)")
+    run.add_argument("--dml-update", choices=("sync", "alternate"),
+                     help="--method dml only. sync (default): one forward of every network on the batch, every "
+                          "network steps on it. alternate: the DML authors' released code, each network's update "
+                          "on its own batch, in turn; a step is one iteration of K updates on K batches and an "
+                          "epoch K passes of the data, so each network gets one epoch of updates per epoch. At "
+                          "SGD momentum 0.9 alternate learns far slower than sync (benchmarks/README.md, DML)")
     run.add_argument("--output", help=f"folder for metrics, checkpoints, plots and config.yaml (default "
                                       f"{DEFAULTS['output']})")
     run.add_argument("--seed", type=int, help="default 0")
@@ -556,12 +564,17 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
         notes.append("no CUDA graph: afd_fast._C is not built and the plain-PyTorch losses read the peer weights on "
                      "the host (pip install --no-build-isolation -e .)")
         cuda_graph = False
+    dml_update = given.get("dml_update", "sync")
+    if dml_update == "alternate" and method != "dml":
+        raise ConfigError(f"{origin('dml_update')} alternate is DML's (--method dml); --method {method} steps every "
+                          "network on every batch")
     temperature = given.get("temperature", method_spec(method).temperature)
     if not temperature > 0:
         raise ConfigError(f"{origin('temperature')} must be positive, got {temperature:g}")
 
     return Config(arch=tuple(archs), method=method, topology=topology, data=data, pretrained=pretrained,
-                  temperature=temperature, recipe=recipe_name, **sched, network_image_sizes=network_image_sizes,
+                  temperature=temperature, dml_update=dml_update, recipe=recipe_name, **sched,
+                  network_image_sizes=network_image_sizes,
                   device=device, amp=amp, channels_last=channels_last, cuda_graph=cuda_graph, **run, world_size=world_size,
                   recipe_batch=recipe["batch_size"], recipe_reason=reason, notes=tuple(notes),
                   resume=flags.get("resume"), print_config=bool(flags.get("print_config")))

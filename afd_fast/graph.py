@@ -10,9 +10,8 @@ sets, their averaging across processes, the three optimizer steps and the fp16 l
 (batch-norm statistics update inside it too). From then on each call copies the batch into the
 buffers and replays the graph. Learning rates live in device tensors that the schedules update in
 place, so a graph never needs re-capture for them; a batch of another shape or dtype re-captures.
-A step that goes round several turns (DML updates one network per step, in turn: ``turn``) gets
-one graph per turn, each warmed up and captured on its own first calls; each has its own memory
-pool and static buffers.
+Alternating DML (``--dml-update alternate``) is one graph too: its call is a whole iteration, the K
+networks' updates on the K batches concatenated in the static buffers.
 """
 from __future__ import annotations
 
@@ -39,46 +38,45 @@ class GraphedStep:
         self.step = step
         self.warmup = warmup
         self.stream = torch.cuda.Stream()
-        self.graphs: dict[int, _Captured] = {}  # by turn (DML: one graph per network it updates)
+        self.captured: _Captured | None = None
         self.signature = None
-        self.eager_left: dict[int, int] = {}
+        self.eager_left = warmup
         self.captures = 0  # how many graphs were captured (re-capture only when the batch changes)
         self.disabled = False  # capture failed: eager steps from then on
 
-    def __call__(self, images: torch.Tensor, target: torch.Tensor, turn: int = 0) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.disabled:
-            return self.step(images, target, turn)
+            return self.step(images, target)
         signature = (images.shape, images.dtype, images.stride(), target.shape, target.dtype)
         if signature != self.signature:
-            self.signature, self.graphs, self.eager_left = signature, {}, {}
-        captured = self.graphs.get(turn)
-        if captured is None:
-            left = self.eager_left.get(turn, self.warmup)
-            if left > 0:
-                self.eager_left[turn] = left - 1
-                return self._on_side_stream(images, target, turn)
+            self.signature, self.captured, self.eager_left = signature, None, self.warmup
+        if self.captured is None:
+            if self.eager_left > 0:
+                self.eager_left -= 1
+                return self._on_side_stream(images, target)
             try:
-                captured = self.graphs[turn] = self._capture(images, target, turn)
+                self.captured = self._capture(images, target)
             except RuntimeError as e:  # e.g. an op that syncs with the host; nothing of the step ran
                 print(f"afd_fast: CUDA graph capture failed, training continues with eager steps "
                       f"(--no-cuda-graph hides this): {e}", file=sys.stderr)
-                self.disabled, self.graphs = True, {}
-                return self.step(images, target, turn)
+                self.disabled = True
+                return self.step(images, target)
+        captured = self.captured
         captured.images.copy_(images, non_blocking=True)
         captured.target.copy_(target, non_blocking=True)
         captured.graph.replay()
         return captured.out
 
-    def _on_side_stream(self, images, target, turn):
+    def _on_side_stream(self, images, target):
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream), warnings.catch_warnings():
             # optimizers built for capture warn when they run uncaptured: these steps are meant to
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            out = self.step(images, target, turn)
+            out = self.step(images, target)
         torch.cuda.current_stream().wait_stream(self.stream)
         return out
 
-    def _capture(self, images, target, turn) -> _Captured:
+    def _capture(self, images, target) -> _Captured:
         static_images = torch.empty_like(images, memory_format=torch.preserve_format)
         static_target = torch.empty_like(target)
         torch.cuda.synchronize()
@@ -88,7 +86,7 @@ class GraphedStep:
             # Capturing records kernels without running them: the step happens at the first replay.
             # thread_local: CUDA calls of other threads (DALI, pin-memory) may go on meanwhile.
             with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
-                out = self.step(static_images, static_target, turn)
+                out = self.step(static_images, static_target)
         except RuntimeError:
             _abandon_capture(caller_stream, pool)
             raise

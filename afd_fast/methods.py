@@ -24,14 +24,15 @@ class MethodSpec:
     # "ensemble" (the mean logits), "gated" (ONE's gated ensemble), "teacher" (the last network) or "none"
     weights: str
     temperature: float = 3.0  # default T: the AFD paper's (and ONE's) 3; DML's paper uses plain softmaxes
-    sequential: bool = False  # DML: each step updates one network, in turn, on its own batch
     shared_low_layers: bool = False  # ONE: branches on network 0's low layers, plus a gate
     frozen_teacher: bool = False  # offline: the last network is a pre-trained teacher and never trains
 
 
 METHOD_SPECS = {
     "afd": MethodSpec(kd=True, adversarial=True, l1=False, weights="topology"),
-    "dml": MethodSpec(kd=True, adversarial=False, l1=False, weights="dml", temperature=1.0, sequential=True),
+    # DML: one forward, every network steps on CE + the mean KL towards its detached peers (the
+    # released code's alternating updates: --dml-update alternate, afd_fast.step.DualStep)
+    "dml": MethodSpec(kd=True, adversarial=False, l1=False, weights="dml", temperature=1.0),
     "one": MethodSpec(kd=True, adversarial=False, l1=False, weights="gated", shared_low_layers=True),
     "kd": MethodSpec(kd=True, adversarial=False, l1=False, weights="ensemble"),  # online KD, ensemble teacher
     "vanilla": MethodSpec(kd=False, adversarial=False, l1=False, weights="none"),

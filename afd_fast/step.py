@@ -112,9 +112,14 @@ class LossScale:
 
 class DualStep:
     """Single forward, dual (triple) optimizer step: SGD on the logit loss, Adam on L_G, Adam on L_D.
-    For DML (``spec.sequential``) a step updates one network instead, in turn (:meth:`_dml_update`),
-    in the same optimizer (each step sees gradients of one network only: the same as one optimizer
-    per network), so schedules and checkpoints treat it as every other method.
+    Every method steps every trained network once per batch. DML (``--method dml``) is that step too:
+    each network's loss is CE + T² · mean_{j≠k} KL(p_j || p_k) with the peers detached, so network
+    k's gradient comes from its own loss only and one SGD step over all networks is the same as K
+    per-network steps, in any order.
+
+    ``dml_update="alternate"`` (DML only): the DML authors' released code instead. A call is one
+    iteration: it takes K batches, concatenated (``batches_per_call``), and network k updates on the
+    k-th (:meth:`_alternate`), so each network gets one update per call.
 
     ``average_gradients`` (e.g. an all-reduce across processes) is applied to every gradient set
     before any optimizer steps, since ``autograd.grad`` bypasses DDP's hooks.
@@ -130,10 +135,13 @@ class DualStep:
     def __init__(self, model: AFDModel, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
                  adv_lr: float = 2e-5, adv_weight_decay: float = 0.1, average_gradients=None, amp: str = "off",
                  fused: bool | None = None, capturable: bool = False, batched_backward: bool = False,
-                 nesterov: bool = False):
+                 nesterov: bool = False, dml_update: str = "sync"):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        if dml_update not in ("sync", "alternate") or (dml_update == "alternate" and model.method != "dml"):
+            raise ValueError(f"dml_update {dml_update!r}: 'sync', or 'alternate' for method dml only")
         self.model = model
+        self.alternate = dml_update == "alternate"
         self.average_gradients = average_gradients
         self.batched_backward = batched_backward and model.spec.adversarial
         self.device = next(model.parameters()).device
@@ -168,20 +176,14 @@ class DualStep:
                               enabled=self.amp_dtype is not None, cache_enabled=False)
 
     @property
-    def turns(self) -> int:
-        """How many different steps this one goes round: K for DML (one network per step, in turn),
-        1 for every other method (each step updates every network)."""
-        return len(self.model.networks) if self.model.spec.sequential else 1
+    def batches_per_call(self) -> int:
+        """Loader batches one call takes, concatenated: K for alternating DML, else 1."""
+        return len(self.model.networks) if self.alternate else 1
 
-    def turn_of(self, step_index: int) -> int:
-        """The turn of the training step with this global index (0-based): the network DML updates."""
-        return step_index % self.turns
-
-    def __call__(self, images: torch.Tensor, target: torch.Tensor, turn: int = 0) -> dict[str, torch.Tensor]:
-        """One training step on this batch; ``turn`` (DML: the network to update, see
-        :meth:`turn_of`) is ignored by the methods that update every network at every step."""
-        if self.model.spec.sequential:
-            return self._dml_update(images, target, turn)
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step on this batch (alternating DML: one iteration on these K batches)."""
+        if self.alternate:
+            return self._alternate(images, target)
         with self._autocast():
             losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
@@ -204,14 +206,19 @@ class DualStep:
         if self.loss_scale is not None:
             self.loss_scale.update(found_infs)
 
-    def _dml_update(self, images: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-        """DML as its authors' code runs it (Zhang et al., 2018): each step updates ONE network, k, on
-        its own batch: a forward of every network on it at their current weights, then an SGD step of
-        network k on CE + T² · mean_{j≠k} KL(p_j || p_k) (the peers detached). The steps go round the
-        networks, so an iteration of K updates takes K batches and no network learns from a prediction
-        fitted to the very batch it sees. As in that code, the peers normalise with the batch's
-        statistics (training mode) without changing their running statistics; network k's forward
-        updates its own. The losses of every network on this batch are returned for logging."""
+    def _alternate(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One iteration of DML as its authors' code runs it (Zhang et al., 2018, ``train_models.py``):
+        the K batches in turn, network k updating on the k-th. Returns every network's CE and KL,
+        means over the K batches, for logging."""
+        k = self.batches_per_call
+        turns = [self._one_network_update(x, y, n) for n, (x, y) in enumerate(zip(images.chunk(k), target.chunk(k)))]
+        return {key: torch.stack([t[key] for t in turns]).mean(0) for key in turns[0]}
+
+    def _one_network_update(self, images: torch.Tensor, target: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """Network k's update on its own batch: a forward of every network on it at their current
+        weights, then an SGD step of network k on CE + T² · mean_{j≠k} KL(p_j || p_k) (the peers
+        detached). As in that code, the peers normalise with the batch's statistics (training mode)
+        without changing their running statistics; network k's forward updates its own."""
         model = self.model
         with self._autocast():
             logits = []

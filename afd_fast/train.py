@@ -34,6 +34,7 @@ from afd_fast.errors import AfdFastError, NonFiniteLoss, exit_with
 from afd_fast.graph import GraphedStep
 from afd_fast.schedule import LearningRates
 from afd_fast.models import build_network
+from afd_fast.models.base import refuse_one_pixel_strided_convs
 
 def parse_args(argv=None) -> Config:
     """The command line resolved into the run's frozen :class:`afd_fast.config.Config`; a bad setting
@@ -120,8 +121,8 @@ class Trainer:
         self.is_main, self.writer, self.resume_hint = rank == 0, writer, resume_hint
         self.loaders = build_data(config, rank, world, device)
         spe = self.loaders.steps_per_epoch
-        # dual_step: the DualStep (optimizers, loss scale, DML turns); update: the callable that does one
-        # training update, the DualStep itself or its CUDA graph
+        # dual_step: the DualStep (optimizers, loss scale); update: the callable that does one training
+        # step (alternating DML: one iteration of K batches), the DualStep itself or its CUDA graph
         self.model, self.dual_step, self.update, self.rates = build_training(
             config, self.loaders.num_classes, world, device, spe)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -147,8 +148,7 @@ class Trainer:
             self.meter.start_epoch()
             for images, target in self.batches(epoch):
                 self.rates.apply(run.steps_done)
-                turn = self.dual_step.turn_of(run.steps_done)  # DML: the network this step updates
-                losses = self.update(images, target, turn)
+                losses = self.update(images, target)
                 run.count(losses)
                 self.report(losses, images.shape[0])
                 self.act(self.control.after_step(run.steps_done))  # a signal? a checkpoint due?
@@ -160,14 +160,31 @@ class Trainer:
         return self.run.steps_done >= self.total_steps
 
     def batches(self, epoch: int):
-        """The epoch's remaining training batches, on the device; after a resume, from the
-        checkpoint's position with its data loader state."""
-        run, loaders = self.run, self.loaders
+        """The epoch's remaining training batches, on the device, one per step; after a resume, from
+        the checkpoint's position with its data loader state. Alternating DML's step takes K batches,
+        concatenated: its epoch is K passes of the loader (pass p of epoch e is the loader's epoch
+        e·K + p), so that each network gets one epoch of updates; ``run.batch`` counts steps."""
+        run, loaders, per_step = self.run, self.loaders, self.dual_step.batches_per_call
         state, self.loader_state = self.loader_state, None  # for the resumed epoch only
-        if run.batch < loaders.steps_per_epoch and not self.finished():
-            for images, target in loaders.train_epoch(epoch, run.batch, state):
-                yield (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
-                       target.to(self.device, non_blocking=True))
+        if run.batch >= loaders.steps_per_epoch or self.finished():
+            return
+        first_pass, start = divmod(run.batch * per_step, loaders.steps_per_epoch)  # where the epoch goes on
+        group = []
+        for p in range(first_pass, per_step):
+            # a saved loader state belongs to the pass it was saved in: none at a pass's start
+            for batch in loaders.train_epoch(epoch * per_step + p, start, state if start else None):
+                group.append(batch)
+                if len(group) == per_step:
+                    yield self.on_device(group)
+                    group = []
+            start = 0
+
+    def on_device(self, group: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's batch (or batches, concatenated) on the training device."""
+        images, target = group[0] if len(group) == 1 else (torch.cat([x for x, _ in group]),
+                                                           torch.cat([y for _, y in group]))
+        return (images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                target.to(self.device, non_blocking=True))
 
     def end_epoch(self) -> None:
         """Evaluation, the epoch's record and checkpoint; then, with every process here, a stop that a
@@ -187,7 +204,7 @@ class Trainer:
         """The epoch's metrics: training speed, the training losses' means over every process, the
         learning rates and the validation accuracies."""
         run, config = self.run, self.config
-        rate = self.meter.epoch_rate(config.batch_per_process * self.world)  # training alone, before evaluation
+        rate = self.meter.epoch_rate()  # training alone, before evaluation
         check_finite(run.loss_sums, run.steps_done, config.archs)
         means = {k: v.clone() for k, v in run.loss_sums.items()}
         if dist.is_initialized():  # training-loss means over all processes
@@ -290,24 +307,24 @@ class Trainer:
 
 
 class Meter:
-    """Images per second over the run and over each epoch's batches trained by this process."""
+    """Images per second (of every process) over the run and over each epoch's training."""
 
     def __init__(self):
         self.start, self.images = time.perf_counter(), 0
-        self.epoch_start, self.epoch_batches = self.start, 0
+        self.epoch_start, self.epoch_images = self.start, 0
 
     def start_epoch(self) -> None:
-        self.epoch_start, self.epoch_batches = time.perf_counter(), 0
+        self.epoch_start, self.epoch_images = time.perf_counter(), 0
 
     def count(self, images: int) -> None:
         self.images += images
-        self.epoch_batches += 1
+        self.epoch_images += images
 
     def rate(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
-    def epoch_rate(self, images_per_batch: int) -> float:
-        return self.epoch_batches * images_per_batch / max(time.perf_counter() - self.epoch_start, 1e-9)
+    def epoch_rate(self) -> float:
+        return self.epoch_images / max(time.perf_counter() - self.epoch_start, 1e-9)
 
 
 # --- building --------------------------------------------------------------------------------------
@@ -331,6 +348,9 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
     the learning rates of each step)."""
     pretrained = config.pretrained or [None] * len(config.archs)  # library weights, a file, or "" (fresh)
     networks = [build_network(a, num_classes, p) for a, p in zip(config.archs, pretrained)]
+    if device.type == "cpu" and config.amp == "bf16":  # a torch bug on some CPUs (see the function)
+        refuse_one_pixel_strided_convs(networks, config.network_image_sizes or [config.image_size] * len(networks),
+                                       "--network-image-sizes" if config.network_image_sizes else "--image-size")
     model = AFDModel(networks, config.method, config.topology, config.network_image_sizes or config.image_size,
                      config.temperature,
                      label_smoothing=config.label_smoothing).to(device)
@@ -341,7 +361,8 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
                          weight_decay=config.weight_decay, adv_lr=config.adv_lr,
                          adv_weight_decay=config.adv_weight_decay,
                          average_gradients=average_across_processes if world > 1 else None, amp=config.amp,
-                         capturable=config.cuda_graph, batched_backward=config.batched_backward)
+                         capturable=config.cuda_graph, batched_backward=config.batched_backward,
+                         dml_update=config.dml_update)
     update = GraphedStep(dual_step) if config.cuda_graph else dual_step
     rates = LearningRates(dual_step.optimizers, config.schedules(), steps_per_epoch)
     return model, dual_step, update, rates
@@ -355,7 +376,8 @@ def print_start(config, world: int, device: torch.device, loaders) -> None:
     sizes = (f" (networks: {', '.join(f'{a} {s}' for a, s in zip(config.archs, config.network_image_sizes))})"
              if config.network_image_sizes else "")
     print(f"afd_fast: recipe {config.recipe} ({config.recipe_reason}); global batch {config.batch_size} "
-          f"({config.batch_per_process} per process x {world}), T {config.temperature:g}, "
+          f"({config.batch_per_process} per process x {world}), T {config.temperature:g}"
+          f"{f', {config.dml_update} DML updates' if config.method == 'dml' else ''}, "
           f"images {config.image_size} px{sizes}")
     print(f"afd_fast: schedule: {config.describe_schedule()}")
 

@@ -135,17 +135,13 @@ def _batch(batch: int, image_size: int, num_classes: int, device):
 
 
 def count_step(step: DualStep, batch: int, image_size: int, num_classes: int) -> dict:
-    """FLOPs and operators of one round of the step's turns (DML: one step per network; the others:
-    one step), after a round that creates the optimizers' state; ``cycle``: the steps counted."""
+    """FLOPs and operators of one step, after a step that creates the optimizers' state."""
     device = next(step.model.parameters()).device
     images, target = _batch(batch, image_size, num_classes, device)
-    cycle = step.turns
-    for turn in range(cycle):
-        step(images, target, turn)
+    step(images, target)
     with FlopCounterMode(display=False) as counter, OpRecorder() as recorder:
-        for turn in range(cycle):
-            step(images, target, turn)
-    return {"flops": counter.get_total_flops() / cycle, "ops": recorder.ops, "cycle": cycle}
+        step(images, target)
+    return {"flops": counter.get_total_flops(), "ops": recorder.ops}
 
 
 def extractor_backward_flops(archs, batch: int, image_size: int, num_classes: int) -> float:
@@ -203,14 +199,14 @@ def extrapolate(small: dict, large: dict, n1: int, n2: int, n: int) -> dict:
     return {"flops": small["flops"] * n / n1, "ops": ops}
 
 
-def predict(ops: list[dict], cycle: int) -> dict:
-    """Predicted seconds per step on each GPU of GPUS (ops: those of ``cycle`` steps)."""
+def predict(ops: list[dict]) -> dict:
+    """Predicted seconds per step on each GPU of GPUS (ops: those of one step)."""
     out = {}
     for gpu, peak in GPUS.items():
         t = sum(max(o["flops"] / (peak["bf16_flops"] * COMPUTE_EFFICIENCY),
                     o["bytes"] / (peak["hbm_bytes_per_s"] * MEMORY_EFFICIENCY)) + KERNEL_OVERHEAD_S
                 for o in ops if o["kernel"])
-        out[gpu] = t / cycle
+        out[gpu] = t
     return out
 
 
@@ -223,16 +219,15 @@ def model_row(config: Config, k: int, method: str, vanilla_gflops: float | None 
     fused = build(archs, method, config.image_size, config.num_classes, cpu)
     small = count_step(fused, n1, config.image_size, config.num_classes)
     large = count_step(fused, n2, config.image_size, config.num_classes)
-    cycle = small["cycle"]
     full = extrapolate(small, large, n1, n2, config.batch_size)
     eager = build(archs, method, config.image_size, config.num_classes, cpu, fused=False)
     eager_ops = count_step(eager, n1, config.image_size, config.num_classes)["ops"]
-    kernels = sum(o["kernel"] for o in full["ops"]) / cycle
-    seconds = predict(full["ops"], cycle)
+    kernels = sum(o["kernel"] for o in full["ops"])
+    seconds = predict(full["ops"])
     row = {"config": config.name, "archs": list(archs), "K": k, "method": method, "batch": config.batch_size,
            "image_size": config.image_size, "gflops_per_step": full["flops"] / 1e9,
-           "gbytes_per_step": sum(o["bytes"] for o in full["ops"]) / cycle / 1e9,
-           "ops_per_step_eager": len(eager_ops) / cycle, "ops_per_step_fused": len(full["ops"]) / cycle,
+           "gbytes_per_step": sum(o["bytes"] for o in full["ops"]) / 1e9,
+           "ops_per_step_eager": len(eager_ops), "ops_per_step_fused": len(full["ops"]),
            "kernels_per_replay": kernels,
            "predicted": {gpu: {"ms": s * 1e3, "img_per_s": config.batch_size / s} for gpu, s in seconds.items()}}
     vanilla_gflops = row["gflops_per_step"] if method == "vanilla" else vanilla_gflops
@@ -308,19 +303,10 @@ def measure(configs: list[Config], device, iters: int, methods=METHODS, ks=None)
             for method in methods:
                 step = build(config.archs[k], method, config.image_size, config.num_classes, device,
                              graph=device.type == "cuda")
-                turns = step.step.turns if isinstance(step, GraphedStep) else step.turns
-                # GraphedStep: 3 eager steps and the capture per turn, then replays
-                rounds = 4 if device.type == "cuda" else 1
-                warmup = rounds * turns
+                warmup = 4 if device.type == "cuda" else 1  # GraphedStep: 3 eager steps and the capture
                 source = iter(common.RandomBatches(config.batch_size, config.image_size, config.num_classes,
-                                                   warmup + iters * turns, device))
-                counter = iter(range(10 ** 9))
-
-                def one_round():  # one step of every turn (DML: every network once)
-                    for _ in range(turns):
-                        step(*next(source), next(counter) % turns)
-
-                ms = common.median_ms(one_round, device, rounds, iters) / turns
+                                                   warmup + iters, device))
+                ms = common.median_ms(lambda: step(*next(source)), device, warmup, iters)
                 rows.append({"config": config.name, "archs": list(config.archs[k]), "K": k, "method": method,
                              "batch": config.batch_size, "image_size": config.image_size, "ms": ms,
                              "img_per_s": config.batch_size / (ms * 1e-3),

@@ -241,6 +241,7 @@ def test_bad_config_files_name_the_key_and_the_file(tmp_path, text, message, cap
     (["--recipe", "cifar-papr"], "unknown recipe 'cifar-papr': give one of cifar-paper, imagenet-paper, "
                                  "imagenet-scratch, quick or a recipe's YAML file"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs a positive --momentum"),
+    (["--method", "kd-only", "--dml-update", "alternate"], "--dml-update alternate is DML's (--method dml)"),
 ])
 def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, argv, message, capsys):
     out = tmp_path / "out"
@@ -293,6 +294,14 @@ def test_resume_refuses_another_run(checkpointed, data, extra, message):
         train.main(argv)
     assert message in str(error.value) and "config.yaml" in str(error.value)
     assert {f: os.path.getmtime(checkpointed / f) for f in os.listdir(checkpointed)} == before  # nothing written
+
+
+def test_dml_update_defines_the_run():
+    """The two DML forms train differently (and count epochs differently): --resume refuses a switch."""
+    sync, alternate = _config("--method", "dml"), _config("--method", "dml", "--dml-update", "alternate")
+    assert (sync.dml_update, alternate.dml_update) == ("sync", "alternate")
+    refuse, _ = config.resume_differences(sync.settings(), alternate)
+    assert refuse == ["--dml-update sync -> alternate"]
 
 
 def test_resume_names_other_changed_settings(checkpointed, data, tmp_path, capsys):

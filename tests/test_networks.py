@@ -430,7 +430,7 @@ def test_heterogeneous_peers_train_through_the_cli(tmp_path, tiny_data, arch, me
 
 def test_each_network_takes_its_own_image_size():
     """--network-image-sizes: network i sees the batch resized to its own size (bilinear, antialiased),
-    in the training forward, in DML's update and in evaluation; the maps of other spatial sizes meet
+    in the training forward, in alternating DML's updates and in evaluation; the maps of other spatial sizes meet
     through the transfer layers, and the discriminators are built from the shapes each size gives."""
     torch.manual_seed(0)
     nets = [build_network("resnet20", CLASSES), build_network("resnet20", CLASSES)]
@@ -451,9 +451,9 @@ def test_each_network_takes_its_own_image_size():
     dml = AFDModel(nets, "dml", "pair", [32, 16])
     seen = []
     hook = nets[1].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
-    DualStep(dml, lr=0.01)(x, y, turn=0)
+    DualStep(dml, lr=0.01, dml_update="alternate")(torch.cat([x, x]), torch.cat([y, y]))  # its own forwards
     hook.remove()
-    assert seen == [(16, 16)]
+    assert seen == [(16, 16), (16, 16)]
     with pytest.raises(ConfigError, match="one per network"):
         AFDModel(nets, "afd", "pair", [32])
     with pytest.raises(ConfigError, match="one image size"):

@@ -28,67 +28,99 @@ def _nets(k, seed=0, depth=8):
 
 # --- DML --------------------------------------------------------------------------------------------
 
-def _handwritten_dml_update(nets, optimizers, k, images, target, temperature):
-    """DML as its authors' code runs it (Deep-Mutual-Learning, train_models.py: one session run per
-    network, each on the next batch of the queue): a forward of every network on this batch in
-    training mode, network k steps on CE + the mean KL towards the others' predictions; only network
-    k's batch-norm running statistics change."""
-    t, k_nets = temperature, len(nets)
+def _kl_towards_peers(preds, k, t):
+    """DML's distillation term of network k: T² · the mean over the peers of KL(p_j || p_k), peers detached."""
+    peers = [j for j in range(len(preds)) if j != k]
+    return t * t * sum(F.kl_div(F.log_softmax(preds[k] / t, 1), F.softmax(preds[j].detach() / t, 1),
+                                reduction="batchmean") for j in peers) / len(peers)
+
+
+def _handwritten_sync_dml_step(nets, optimizers, images, target, temperature):
+    """DML as the common PyTorch code runs it: one forward of every network on the batch, then each
+    network in turn steps on CE + its KL towards the others' predictions of that forward."""
+    preds = [n(images)[1] for n in nets]
+    for k, optimizer in enumerate(optimizers):
+        optimizer.zero_grad()
+        (F.cross_entropy(preds[k], target) + _kl_towards_peers(preds, k, temperature)).backward()
+        optimizer.step()
+
+
+def _handwritten_alternate_update(nets, optimizers, k, images, target, temperature):
+    """DML as its authors' released code runs it (Deep-Mutual-Learning, train_models.py: one session
+    run per network, each on the next batch of the queue): a forward of every network on this batch
+    in training mode, network k steps on CE + the mean KL towards the others' predictions; only
+    network k's batch-norm running statistics change."""
     saved = [{name: b.clone() for name, b in net.named_buffers()} for net in nets]
     preds = [n(images)[1] for n in nets]
     for j, net in enumerate(nets):
         if j != k:  # the peers' update ops are not in network k's train op
             for name, b in net.named_buffers():
                 b.copy_(saved[j][name])
-    kl = sum(F.kl_div(F.log_softmax(preds[k] / t, 1), F.softmax(preds[j].detach() / t, 1), reduction="batchmean")
-             for j in range(k_nets) if j != k) / (k_nets - 1)
-    loss = F.cross_entropy(preds[k], target) + t * t * kl
     optimizers[k].zero_grad()
-    loss.backward()
+    (F.cross_entropy(preds[k], target) + _kl_towards_peers(preds, k, temperature)).backward()
     optimizers[k].step()
 
 
+def _assert_same_networks(nets, twins):
+    for net, twin in zip(nets, twins):
+        for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("k,temperature", [(2, 1.0), (3, 3.0)])
+def test_dml_step_equals_handwritten_dml(k, temperature):
+    """--method dml: one forward, every network steps on its own loss (running statistics included),
+    in float64; --temperature with T²."""
+    nets = [n.double() for n in _nets(k)]
+    twins = copy.deepcopy(nets)
+    model = AFDModel(nets, method="dml", topology="cyclic", image_size=16, temperature=temperature)
+    step = DualStep(model, lr=0.1, weight_decay=1e-4)
+    assert step.batches_per_call == 1
+    optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for n in twins]
+    for index in range(2):  # the second step through the momentum buffers
+        images, target = _batch(seed=index)
+        losses = step(images.double(), target)
+        _handwritten_sync_dml_step(twins, optimizers, images.double(), target, temperature)
+        assert losses["ce"].shape == losses["kl"].shape == (k,)
+        _assert_same_networks(nets, twins)
+
+
 @pytest.mark.parametrize("k", [2, 3])
-def test_dml_update_equals_handwritten_dml(k):
+def test_alternating_dml_iteration_equals_handwritten_updates_in_turn(k):
+    """--dml-update alternate: one call is one iteration, network n updating on the n-th of K batches
+    (concatenated); the peers' running statistics stay as they are."""
     nets = [n.double() for n in _nets(k)]
     twins = copy.deepcopy(nets)
     model = AFDModel(nets, method="dml", topology="cyclic", image_size=16)
     assert model.temperature == 1.0  # the DML paper's plain softmaxes
-    step = DualStep(model, lr=0.1, weight_decay=1e-4)
-    assert step.turns == k and [step.turn_of(i) for i in range(2 * k + 1)] == [*range(k), *range(k), 0]
+    step = DualStep(model, lr=0.1, weight_decay=1e-4, dml_update="alternate")
+    assert step.batches_per_call == k
     optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for n in twins]
-    for index in range(2 * k):  # each network twice: the second time through its momentum buffers
-        images, target = _batch(seed=index)  # every update its own batch
-        losses = step(images.double(), target, step.turn_of(index))
-        _handwritten_dml_update(twins, optimizers, step.turn_of(index), images.double(), target, 1.0)
+    for iteration in range(2):  # each network twice: the second time through its momentum buffers
+        batches = [_batch(seed=iteration * k + n) for n in range(k)]  # every update its own batch
+        losses = step(torch.cat([x for x, _ in batches]).double(), torch.cat([y for _, y in batches]))
+        for n, (images, target) in enumerate(batches):
+            _handwritten_alternate_update(twins, optimizers, n, images.double(), target, 1.0)
         assert losses["ce"].shape == losses["kl"].shape == (k,)
-        for net, twin in zip(nets, twins):
-            for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
-                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+        _assert_same_networks(nets, twins)
 
 
-def test_a_dml_step_updates_one_network_and_leaves_the_peers_running_statistics_alone():
-    nets = [n.double() for n in _nets(3)]
-    model = AFDModel(nets, method="dml")
-    before = copy.deepcopy(model.state_dict())
-    images, target = _batch()
-    DualStep(model, lr=0.1)(images.double(), target, turn=1)
-    changed = {name.split(".")[1] for name, value in model.state_dict().items()
-               if not torch.equal(value, before[name])}
-    assert changed == {"1"}  # parameters and running statistics of network 1 only
-
-
-def test_dml_is_not_the_synchronous_kd_only_step():
+def test_sync_dml_of_a_pair_is_the_kd_only_step_and_alternate_is_not():
+    """For two networks DML's peer mean is the pair's one peer: the same update as kd-only at the
+    same T. The alternating form steps network 2 on the next batch instead."""
     nets = [n.double() for n in _nets(2)]
-    dml = AFDModel(nets, method="dml", temperature=3.0)
-    sync = AFDModel(copy.deepcopy(nets), method="kd-only", topology="pair", temperature=3.0)
+    models = {name: AFDModel(copy.deepcopy(nets), method=method, topology="pair", temperature=3.0)
+              for name, method in (("sync", "dml"), ("alternate", "dml"), ("kd-only", "kd-only"))}
     images, target = _batch()
-    DualStep(dml, lr=0.1)(images.double(), target, turn=0)
-    DualStep(sync, lr=0.1)(images.double(), target)
-    first = [torch.equal(a, b) for a, b in zip(dml.networks[0].parameters(), sync.networks[0].parameters())]
-    second = [torch.equal(a, b) for a, b in zip(dml.networks[1].parameters(), sync.networks[1].parameters())]
-    assert all(first)  # network 1's update is the same, towards the same prediction
-    assert not any(second)  # DML leaves network 2 for the next batch; kd-only steps it too
+    DualStep(models["sync"], lr=0.1)(images.double(), target)
+    DualStep(models["kd-only"], lr=0.1)(images.double(), target)
+    DualStep(models["alternate"], lr=0.1, dml_update="alternate")(images.double(), target)  # 3 images each
+    for a, b in zip(models["sync"].parameters(), models["kd-only"].parameters()):
+        assert torch.equal(a, b)
+    assert not any(torch.equal(a, b) for a, b in zip(models["sync"].parameters(), models["alternate"].parameters())
+                   if a.dim() > 1)
+    with pytest.raises(ValueError, match="method dml only"):
+        DualStep(models["kd-only"], dml_update="alternate")
 
 
 def test_dml_temperature_defaults_to_one_and_the_flag_overrides_it():
@@ -282,10 +314,11 @@ def test_learning_rate_scales_only_when_asked():
 # --- on a GPU: the baselines in one CUDA graph --------------------------------------------------------
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method", ["dml", "one", "l1kd-offline"])
-def test_graph_replay_of_the_baselines_trains_as_the_eager_step(method, monkeypatch):
-    """DML's one-network updates (one graph per network, replayed in turn), ONE's gate and the frozen
-    teacher replay as CUDA graphs exactly as they run eagerly."""
+@pytest.mark.parametrize("method,dml_update", [("dml", "sync"), ("dml", "alternate"), ("one", "sync"),
+                                               ("l1kd-offline", "sync")])
+def test_graph_replay_of_the_baselines_trains_as_the_eager_step(method, dml_update, monkeypatch):
+    """DML (both forms: alternating DML's iteration of K one-network updates is one graph), ONE's
+    gate and the frozen teacher replay as CUDA graphs exactly as they run eagerly."""
     from afd_fast.graph import GraphedStep
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
@@ -294,15 +327,15 @@ def test_graph_replay_of_the_baselines_trains_as_the_eager_step(method, monkeypa
     model = AFDModel([build_network("resnet20", 10) for _ in range(2)], method=method, topology="pair").cuda()
     model = model.to(memory_format=torch.channels_last)
     twin = copy.deepcopy(model)
-    graphed = GraphedStep(DualStep(model, lr=0.05, capturable=True), warmup=2)
-    eager = DualStep(twin, lr=0.05)
+    graphed = GraphedStep(DualStep(model, lr=0.05, capturable=True, dml_update=dml_update), warmup=2)
+    eager = DualStep(twin, lr=0.05, dml_update=dml_update)
     g = torch.Generator(device="cuda").manual_seed(0)
-    for index in range(8):  # DML: 2 warm-up steps and 2 replays per network
-        images = torch.randn(16, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
-        target = torch.randint(0, 10, (16,), device="cuda", generator=g)
-        turn = eager.turn_of(index)
-        out = {k: v.clone() for k, v in graphed(images, target, turn).items()}
-        torch.testing.assert_close(out["ce"], eager(images, target, turn)["ce"], rtol=1e-5, atol=1e-6)
-    assert graphed.captures == eager.turns and not graphed.disabled
+    batch = 16 * eager.batches_per_call
+    for _ in range(4):  # 2 warm-up steps and 2 replays
+        images = torch.randn(batch, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 10, (batch,), device="cuda", generator=g)
+        out = {k: v.clone() for k, v in graphed(images, target).items()}
+        torch.testing.assert_close(out["ce"], eager(images, target)["ce"], rtol=1e-5, atol=1e-6)
+    assert graphed.captures == 1 and not graphed.disabled
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

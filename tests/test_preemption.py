@@ -168,10 +168,11 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, tmp_path_factor
 
 
 @pytest.mark.slow
-def test_dml_stopped_mid_epoch_resumes_with_the_next_networks_turn(tmp_path, tmp_path_factory, cifar):
-    """DML updates one network per batch, in turn: a run of three stopped after step 4 (the next
-    update is network 1's, on batch 5) continues bit-identically."""
-    extra = ["--method", "dml", "--arch", "resnet20,resnet20,resnet20", "--epochs", "1"]
+def test_alternating_dml_stopped_mid_epoch_resumes_bit_identically(tmp_path, tmp_path_factory, cifar):
+    """--dml-update alternate: a step is an iteration of 3 updates on 3 batches, an epoch 3 passes of
+    the loader (10 steps). Stopped after step 4 (12 batches: the second pass, at its batch 2), the
+    run continues bit-identically."""
+    extra = ["--method", "dml", "--dml-update", "alternate", "--arch", "resnet20,resnet20,resnet20", "--epochs", "1"]
     reference = _reference(tmp_path_factory, cifar, extra)
     out = tmp_path / "out"
     argv = _argv(cifar, out, *extra)
@@ -183,7 +184,7 @@ def test_dml_stopped_mid_epoch_resumes_with_the_next_networks_turn(tmp_path, tmp
     assert rc == 0, log[-4000:]
     _assert_same_training(reference, out, k=3)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 10  # one step per batch: 80 images in batches of 8
+    assert summary["steps"] == 10  # one update per network per step: each network an epoch of 10 batches
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from afd_fast.data import BadDataError
 from afd_fast.errors import CheckpointError
 from afd_fast.data import synthetic_image_folder
 from afd_fast.models import build_network
+from afd_fast.step import DualStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,30 @@ def test_resume_equals_uninterrupted_training(tmp_path, tiny_data, speed):
     b = torch.load(tmp_path / "b" / "out" / "last.pt", weights_only=True)["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_alternating_dml_gives_every_network_an_epoch_of_updates_per_epoch(tmp_path, tiny_data, monkeypatch):
+    """--dml-update alternate: a step is one iteration, K updates on K consecutive batches; an epoch
+    is K passes of the loader (pass p of epoch e: the loader's epoch e*K + p), so steps, the schedule
+    and the records count iterations (8 per epoch here, as the loader's 8 batches)."""
+    passes, calls = [], []
+    build_data = train.build_data
+
+    def recording_data(*args, **kwargs):
+        loaders = build_data(*args, **kwargs)
+        train_epoch = loaders.train_epoch
+        loaders.train_epoch = lambda epoch, start=0, state=None: passes.append((epoch, start)) or train_epoch(
+            epoch, start, state)
+        return loaders
+    call = DualStep.__call__
+    monkeypatch.setattr(train, "build_data", recording_data)
+    monkeypatch.setattr(DualStep, "__call__", lambda self, x, y: calls.append(len(x)) or call(self, x, y))
+    summary, out = _run(tmp_path, tiny_data, "--method", "dml", "--dml-update", "alternate", "--epochs", "2",
+                        "--arch", "resnet20,resnet20,resnet20", "--image-size", "16")
+    assert passes == [(e, 0) for e in range(6)]
+    assert calls == [3 * 8] * 16 and summary["steps"] == 16
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [8, 16] and all(len(r["train_ce"]) == 3 for r in records)
 
 
 def test_non_finite_loss_stops_with_a_message(tmp_path, tiny_data):
