@@ -17,9 +17,10 @@ match the paper's setting (data set by its classes and size, recipe and its epoc
 networks; ImageNet: pre-trained), else marked not comparable with what differs; and the time each
 run took. Writes JSON, a Markdown table (.md) and a bar chart (.png) with the same stem.
 
-The paper says "T = 3 for every experiment", DML's own paper uses plain softmaxes: the CIFAR presets
-run DML both ways, rows "dml (T=1)" and "dml (T=3)", so the reader sees which reading matches the
-paper's DML numbers.
+DML rows run ``--method dml`` in its default form (``--dml-update sync``: one forward, every network
+steps on every batch), labelled "dml sync". The paper says "T = 3 for every experiment", DML's own
+paper uses plain softmaxes: the CIFAR presets run DML both ways, rows "dml sync (T=1)" and
+"dml sync (T=3)", so the reader sees which reading matches the paper's DML numbers.
 
 Presets: cifar100-table1 ... cifar100-table5 (every row of that table; cifar100-table3 is the
 ResNet-32 row alone, cifar100-table3-all every architecture), imagenet-table6 (torchvision's pre-trained
@@ -67,7 +68,8 @@ class Row:
 
     @property
     def label(self) -> str:
-        return self.method if self.temperature is None else f"{self.method} (T={self.temperature:g})"
+        name = "dml sync" if self.method == "dml" else self.method  # DML's default --dml-update
+        return name if self.temperature is None else f"{name} (T={self.temperature:g})"
 
     @property
     def folder(self) -> str:
