@@ -292,12 +292,15 @@ NETWORKS = {"resnet8": lambda: CifarResNet(8, 10),  # 64 channels
             "wrn10-1": lambda: WideResNet(10, 1, 10),  # 64 channels
             "wrn10-2": lambda: WideResNet(10, 2, 10),  # 128 channels: transfer layers
             # networks of the libraries, split by rule (576 vs 512 channels; timm's 288 vs 512, their 1x1
-            # maps at 8 px beside resnet8's 64x2x2: transfer layers that pool)
+            # maps at 8 px beside resnet8's 64x2x2: transfer layers that pool). In bf16 they get 32 px
+            # (LIBRARY_BF16_SIZE): at 8 px their strided convolutions see 1x1 maps, where torch's bf16
+            # CPU convolution computes garbage weight gradients on AMX/avx512_bf16 CPUs (tests/test_upstream_bugs.py)
             "mobilenet_v3_small": lambda: build_network("mobilenet_v3_small", 10),
             "resnet18": lambda: build_network("resnet18", 10),
             "timm:mobilenetv3_small_050": lambda: build_network("timm:mobilenetv3_small_050", 10),
             "timm:resnet10t": lambda: build_network("timm:resnet10t", 10)}
 SIZE, BATCH = 8, 4
+LIBRARY_BF16_SIZE = 32  # the smallest power of two at which ResNet-18's and MobileNet v3's maps stay >= 2x2 before a stride
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,10 +314,12 @@ class Case:
     all_reduce: bool = False
     sizes: tuple | None = None  # each network's own image size (--network-image-sizes)
     dml_update: str = "sync"  # alternate: one call updates each network on its share of the batch, in turn
+    size: int = SIZE  # the batch's image size (--image-size)
 
     def __str__(self):
         return (f"{self.method}-{self.topology}-{'+'.join(self.archs)}-amp_{self.amp}"
                 f"{'-sizes_' + 'x'.join(map(str, self.sizes)) if self.sizes else ''}"
+                f"{f'-{self.size}px' if self.size != SIZE else ''}"
                 f"{'-batched' if self.batched else ''}{'-contiguous' if not self.channels_last else ''}"
                 f"{'-allreduce' if self.all_reduce else ''}{'-alternate' if self.dml_update == 'alternate' else ''}")
 
@@ -333,7 +338,7 @@ CASES = (
     + [Case(archs=("resnet8", "wrn10-1", "resnet8"), topology="cyclic", amp="fp16", batched=True, channels_last=False)]
     + [Case(amp="fp16", batched=True, all_reduce=True)]
     # your own networks (issue 14): a heterogeneous torchvision pair, a timm pair, both with resnet8
-    + [Case(archs=("mobilenet_v3_small", "resnet18"), amp="bf16"),
+    + [Case(archs=("mobilenet_v3_small", "resnet18"), amp="bf16", size=LIBRARY_BF16_SIZE),
        Case(archs=("timm:mobilenetv3_small_050", "timm:resnet10t", "resnet8"), topology="cyclic", amp="fp16")]
     # each network at its own image size: the resize is in the captured step
     + [Case(sizes=(SIZE, SIZE // 2), amp="fp16"), Case(method="dml", sizes=(SIZE // 2, SIZE), amp="bf16")]
@@ -348,22 +353,22 @@ def build_step(case: Case, seed: int = 0, network=None, cls=DualStep, fused_loss
     ``cls``, ``fused_losses``: the deliberate hazards of the tests that the checker must catch)."""
     torch.manual_seed(seed)
     networks = [(network or NETWORKS[a])() if i == 0 else NETWORKS[a]() for i, a in enumerate(case.archs)]
-    model = AFDModel(networks, case.method, case.topology, case.sizes or SIZE, 3.0, fused_losses=fused_losses).to("cpu")
+    model = AFDModel(networks, case.method, case.topology, case.sizes or case.size, 3.0, fused_losses=fused_losses).to("cpu")
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     step = cls(model, lr=0.05, weight_decay=1e-4, adv_lr=1e-3,
                average_gradients=train.average_across_processes if case.all_reduce else None,
                amp=case.amp, fused=True, capturable=True, batched_backward=case.batched, dml_update=case.dml_update)
     # GraphedStep's static input buffers; the trainer's loaders give fp16 batches with amp fp16
-    images = torch.empty(BATCH, 3, SIZE, SIZE, dtype=torch.float16 if case.amp == "fp16" else torch.float32)
+    images = torch.empty(BATCH, 3, case.size, case.size, dtype=torch.float16 if case.amp == "fp16" else torch.float32)
     images = images.contiguous(memory_format=fmt)
     target = torch.empty(BATCH, dtype=torch.long)
     return step, images, target
 
 
-def batches(n, seed=1):
+def batches(n, seed=1, size=SIZE):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+    return [(torch.randn(BATCH, 3, size, size, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
             for _ in range(n)]
 
 
@@ -388,7 +393,7 @@ def run_checked(step, images, target, checker: CaptureChecker, between=None, war
     replays stand for, the batch copied into static buffers each time. The warm-up calls are not
     checked: they run eagerly, and may create state (optimizer moments) that later calls read.
     Returns the persistent state at the capture."""
-    for n, (x, y) in enumerate(batches(warmup + CHECKED)):
+    for n, (x, y) in enumerate(batches(warmup + CHECKED, size=images.shape[-1])):
         images.copy_(x)
         target.copy_(y)
         if n < warmup:

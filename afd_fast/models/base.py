@@ -78,3 +78,51 @@ def probe_shape(stage, network: nn.Module, image_size: int) -> tuple[int, ...]:
                           "choose another --image-size") from None
     finally:
         network.train(was_training)
+
+
+def is_strided_conv_on_one_pixel(module: nn.Module, x) -> bool:
+    """Whether this call of a convolution module is a strided one on a map of one pixel (1x1): the
+    case where torch's oneDNN bfloat16 CPU convolution returns wrong, run-to-run different weight
+    gradients on x86 CPUs with native bf16 (seen with torch 2.14.1 on Intel AMX and on AMD EPYC with
+    avx512_bf16; tests/test_upstream_bugs.py)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and isinstance(x, torch.Tensor) and x.dim() >= 3
+            and any(s > 1 for s in module.stride) and all(d == 1 for d in x.shape[2:]))
+
+
+def strided_convs_on_one_pixel(network: nn.Module, image_size: int) -> list[str]:
+    """The convolution modules of ``network`` (by name, with their input's shape) that are strided and
+    see a 1x1 map when the network gets square images of ``image_size`` (one forward on fake tensors,
+    as :func:`probe_shape`). Convolutions called as functions, not modules, are not seen."""
+    names = {m: n for n, m in network.named_modules()}
+    found: list[str] = []
+
+    def look(module, args):
+        if is_strided_conv_on_one_pixel(module, args[0] if args else None):
+            stride = "x".join(map(str, module.stride))
+            found.append(f"{names[module]} (stride {stride}, input {'x'.join(map(str, args[0].shape[1:]))})")
+    handles = [m.register_forward_pre_hook(look) for m in names if isinstance(m, nn.modules.conv._ConvNd)]
+    try:
+        probe_shape(lambda x: network(x)[1], network, image_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(found))  # a module called twice (shared layers) is named once
+
+
+def refuse_one_pixel_strided_convs(networks: list[nn.Module], sizes: list[int], flag: str = "--image-size") -> None:
+    """For bfloat16 on the CPU: stop (:class:`ConfigError`) when a network's strided convolution would
+    see a 1x1 map at its image size, naming the layer and a size that avoids it (the first of 2, 3, 4,
+    6, ... times this one). torch's oneDNN bfloat16 convolution returns garbage weight gradients there
+    on x86 CPUs with native bf16 (Intel AMX, AMD avx512_bf16): the run would train on noise. CUDA,
+    float16 and float32 are not affected."""
+    for network, size in zip(networks, sizes):
+        layers = strided_convs_on_one_pixel(network, size)
+        if not layers:
+            continue
+        larger = next((size * m for m in (2, 3, 4, 6, 8, 12, 16) if not strided_convs_on_one_pixel(network, size * m)),
+                      None)
+        name = getattr(network, "arch", type(network).__name__)
+        raise ConfigError(
+            f"{name} at {size} px: {', '.join(layers[:3])}{' ...' if len(layers) > 3 else ''}: a strided convolution "
+            "on a 1x1 map, where torch's bfloat16 CPU convolution (oneDNN) computes wrong weight gradients on "
+            f"x86 CPUs with native bf16: use a larger {flag}{f' (e.g. {larger})' if larger else ''} or --amp off")
