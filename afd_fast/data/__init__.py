@@ -24,29 +24,32 @@ BACKENDS = ("auto", "dali", "torch")
 def build_loaders(root: str, image_size: int, batch_size: int, workers: int, seed: int, rank: int = 0,
                   world_size: int = 1, backend: str = "auto", device: torch.device = torch.device("cpu"),
                   skip_bad: bool = False, hw_decoder_load: float = 0.65, prefetch: int = 2,
-                  dtype: torch.dtype = torch.float32, verify: bool = False) -> Loaders:
+                  dtype: torch.dtype = torch.float32, verify: bool = False, val_split: str = "val") -> Loaders:
     """Loaders for an ImageNet-layout folder (``train/<class>/``, ``val/<class>/``), for the file
     lists ``train.txt`` and ``val.txt`` in root when it has both, or for CIFAR's python format.
     ``hw_decoder_load``, ``prefetch`` and ``dtype`` (float32, float16: DALI's own output type) apply
     to DALI; ``workers`` is DALI's thread count or the DataLoader's process count (and the decode
-    check's with ``verify``, see :func:`list_image_folder`)."""
+    check's with ``verify``, see :func:`list_image_folder`). ``val_split="train"``: ``val`` holds the
+    training images instead, each once, prepared as validation images (``python -m afd_fast.evaluate --split train``)."""
+    if val_split not in ("train", "val"):
+        raise ValueError(f"val_split must be 'train' or 'val', got {val_split!r}")
     if not os.path.isdir(root):
         raise BadDataError(f"data folder {root!r} does not exist")
     cifar = find_cifar(root)
     if cifar is not None:
-        return CifarLoaders(cifar, batch_size, seed, rank, world_size, device)
+        return CifarLoaders(cifar, batch_size, seed, rank, world_size, device, val_split)
     device_id = None
     if device.type == "cuda":  # a plain "cuda" device has no index: the current one
         device_id = device.index if device.index is not None else torch.cuda.current_device()
     checks = dict(skip_bad=skip_bad, verify=verify, workers=max(workers, 1))
     if all(os.path.isfile(os.path.join(root, f"{split}.txt")) for split in ("train", "val")):
         train_list = read_file_list(os.path.join(root, "train.txt"), **checks)
-        val_list = read_file_list(os.path.join(root, "val.txt"), **checks)
+        val_list = read_file_list(os.path.join(root, f"{val_split}.txt"), **checks)
         classes = max(train_list.classes, val_list.classes, key=len)
         train_list.classes = val_list.classes = classes
     else:
         train_list = list_image_folder(os.path.join(root, "train"), **checks)
-        val_list = list_image_folder(os.path.join(root, "val"), **checks)
+        val_list = list_image_folder(os.path.join(root, val_split), **checks)
     if val_list.classes != train_list.classes:
         raise BadDataError(f"train/ and val/ of {root!r} have different class folders")
     skipped = len(train_list.skipped) + len(val_list.skipped)

@@ -10,7 +10,7 @@ import pickle
 
 import torch
 
-from afd_fast.data.loaders import Loaders
+from afd_fast.data.loaders import Loaders, calibration_indices
 
 # Per-channel mean and std of each data set's training images, by its number of classes.
 NORMALISATION = {
@@ -108,8 +108,11 @@ class CifarLoader:
             x = self.images[idx]
             if self.train:
                 x = augment(x, aug.manual_seed(self._augmentation_seed(batch)))
-            x = (x.float() - self.mean) / self.std
-            yield x.permute(0, 3, 1, 2), self.labels[idx]  # NHWC -> NCHW view, channels-last memory
+            yield self.normalise(x), self.labels[idx]
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC uint8 images -> normalised float, an NCHW view in channels-last memory."""
+        return ((x.float() - self.mean) / self.std).permute(0, 3, 1, 2)
 
 
 class CifarLoaders(Loaders):
@@ -117,14 +120,24 @@ class CifarLoaders(Loaders):
 
     backend = "cifar"
 
-    def __init__(self, folder: str, batch_size: int, seed: int, rank: int, world: int, device: torch.device):
+    def __init__(self, folder: str, batch_size: int, seed: int, rank: int, world: int, device: torch.device,
+                 val_split: str = "val"):
         train_x, train_y, test_x, test_y, classes = load_cifar(folder)
         self.train = CifarLoader(train_x, train_y, batch_size, True, device, seed, rank, world, len(classes))
+        if val_split == "train":  # the training images as the test images are read (evaluate --split train)
+            test_x, test_y = train_x, train_y
         val = CifarLoader(test_x, test_y, batch_size, False, device, seed, rank, world, len(classes))
         super().__init__(val, len(self.train), len(train_y), classes)
 
     def train_epoch(self, epoch: int, start_batch: int = 0, state=None) -> CifarLoader:
         return self.train.for_epoch(epoch, start_batch, state)
+
+    def calibration_batches(self, n: int):
+        train = self.train
+        indices = torch.tensor(calibration_indices(len(train.labels), n, train.batch_size, train.seed, train.rank,
+                                                   train.world), dtype=torch.long, device=train.device)
+        for idx in indices.split(train.batch_size):
+            yield train.normalise(train.images[idx]), train.labels[idx]  # as the test images: no crop, no flip
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -19,7 +19,7 @@ import itertools
 import torch
 
 from afd_fast.data.folder import BadDataError, FileList, decode_problems
-from afd_fast.data.loaders import Loaders
+from afd_fast.data.loaders import Loaders, calibration_indices
 
 MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -161,6 +161,7 @@ class DALILoaders(Loaders):
         self.train_list, self.image_size, self.batch_size = train_list, image_size, batch_size
         self.seed, self.rank, self.world, self.options = seed, rank, world, options
         self.current: DALILoader | None = None  # the epoch in progress
+        self.calibration: tuple[int, DALILoader] | None = None  # (n, its pipeline), built on first use
         val = DALILoader(val_list, image_size, batch_size, train=False, shard_id=rank, num_shards=world, **options)
         # every shard runs the same number of steps: the smallest shard's count of full batches
         steps = (len(train_list.files) // world) // batch_size
@@ -179,6 +180,18 @@ class DALILoaders(Loaders):
 
     def train_state(self) -> bytes | None:
         return self.current.checkpoint() if self.current is not None else None
+
+    def calibration_batches(self, n: int) -> DALILoader:
+        """A pipeline of its own (no training pipeline's state is touched), the validation one's
+        preparation over this process's calibration files in order: built on the first call, then reused."""
+        if self.calibration is None or self.calibration[0] != n:
+            files = self.train_list
+            indices = calibration_indices(len(files.files), n, self.batch_size, self.seed, self.rank, self.world)
+            if not indices:
+                return []
+            share = FileList([files.files[i] for i in indices], [files.labels[i] for i in indices], files.classes, [])
+            self.calibration = n, DALILoader(share, self.image_size, self.batch_size, train=False, **self.options)
+        return self.calibration[1]
 
 
 def _shard_size(n: int, shard_id: int, num_shards: int) -> int:

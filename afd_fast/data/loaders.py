@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
+
 
 class Loaders:
     """One process's training and validation data.
@@ -31,3 +33,22 @@ class Loaders:
     def train_state(self):
         """What resumes the epoch in progress exactly at the current batch (None: the position suffices)."""
         return None
+
+    def calibration_batches(self, n: int) -> Iterable:
+        """Up to ``n`` batches ``(images, labels)`` of this process's share of the training images,
+        prepared as the validation images are (no random crop or flip), at the training batch size,
+        in one fixed order (:func:`calibration_indices`): the same batches every call, the same
+        number on every process. The training loader's state and every global RNG are left alone,
+        so an exact resume stays exact. For batch-norm recalibration (:mod:`afd_fast.calibration`)."""
+        raise NotImplementedError
+
+
+def calibration_indices(size: int, n: int, batch_size: int, seed: int, rank: int, world: int) -> list[int]:
+    """This process's training-set indices for :meth:`Loaders.calibration_batches`, in order: a
+    permutation of the ``size`` images drawn from ``seed`` alone (the same on every process and every
+    call), split into ``world`` equal contiguous shares; of its share, the first ``n`` full batches
+    (fewer if the share is smaller), the same count on every process."""
+    share = size // world
+    batches = min(n, share // batch_size)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))  # own generator: global RNGs untouched
+    return order[rank * share:rank * share + batches * batch_size].tolist()

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
 from afd_fast.data.folder import BadDataError, FileList
-from afd_fast.data.loaders import Loaders
+from afd_fast.data.loaders import Loaders, calibration_indices
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -98,14 +98,16 @@ class TorchLoaders(Loaders):
         train_set = _ListDataset(train_list, transforms.Compose([
             transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
             normalize]))
-        val_set = _ListDataset(val_list, transforms.Compose([
+        self.val_transform = transforms.Compose([
             transforms.Resize(int(round(image_size / 0.875))), transforms.CenterCrop(image_size),
-            transforms.ToTensor(), normalize]))
+            transforms.ToTensor(), normalize])
+        val_set = _ListDataset(val_list, self.val_transform)
         # Order and augmentation depend on (seed, epoch, sample) only, which makes resuming exact.
         self.sampler = EpochSampler(len(train_set), world, rank, seed)
-        self.batch_size = batch_size
-        common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      worker_init_fn=_WorkerSignals() if workers > 0 else None)
+        self.train_list, self.batch_size, self.seed, self.rank, self.world = train_list, batch_size, seed, rank, world
+        self.common = common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                    persistent_workers=workers > 0,
+                                    worker_init_fn=_WorkerSignals() if workers > 0 else None)
         # Own generators: each iterator draws its workers' base seed from one, and drawing it from torch's
         # global generator would move the stream that a resumed run restores.
         self.train = DataLoader(train_set, batch_size, sampler=self.sampler, drop_last=True,
@@ -118,3 +120,12 @@ class TorchLoaders(Loaders):
     def train_epoch(self, epoch: int, start_batch: int = 0, state=None) -> DataLoader:
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
         return self.train
+
+    def calibration_batches(self, n: int) -> DataLoader:
+        indices = calibration_indices(len(self.train_list.files), n, self.batch_size, self.seed, self.rank,
+                                      self.world)
+        calibration = Subset(_ListDataset(self.train_list, self.val_transform), indices)
+        # its own generator: the workers' base seed must not come from torch's global one (exact resume)
+        return DataLoader(calibration, self.batch_size, shuffle=False,
+                          generator=torch.Generator().manual_seed(self.seed),
+                          **{**self.common, "persistent_workers": False})
