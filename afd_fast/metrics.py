@@ -4,15 +4,19 @@ besides), all at the end of training; the paper gives each as the mean of 5 runs
 (``benchmarks/accuracy.py``)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+def evaluate(model, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
+             progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Top-1/top-5 of every network (``net<k>``), of the ensemble (mean of the softmaxes) and of the
     model's own ensembles (ONE: ``gated_ensemble``), over all processes; ``net_mean_top1/5``: the
-    mean over the trained networks (an offline run's frozen teacher is not one)."""
+    mean over the trained networks (an offline run's frozen teacher is not one). ``progress``: called
+    with each batch's image count (this process's) once the batch is scored."""
     model.eval()
     k, trained = len(model.networks), len(model.trained_networks())
     names, correct = None, None
@@ -31,6 +35,8 @@ def evaluate(model, loader, device: torch.device, amp_dtype: torch.dtype | None 
         correct[:, 0] += hit[..., 0].sum(-1)
         correct[:, 1] += hit.any(-1).sum(-1)
         count += target.numel()
+        if progress is not None:
+            progress(target.numel())
     if correct is None:  # no validation batch on this process
         names = [f"net{i}" for i in range(k)] + ["ensemble"] + (["gated_ensemble"] if model.gate is not None else [])
         correct = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
