@@ -37,16 +37,19 @@ AMP_MODES = ("off", "bf16", "fp16")  # afd_fast.step.AMP_DTYPES
 RECIPE_REQUIRED = ("epochs", "batch_size", "lr", "weight_decay", "adv_lr", "image_size")
 RECIPE_KEYS = RECIPE_REQUIRED + ("lr_scaling", "momentum", "nesterov", "lr_schedule", "milestones", "lr_decay",
                                  "warmup_epochs", "label_smoothing", "adv_milestones", "adv_lr_decay",
-                                 "adv_weight_decay")
+                                 "adv_weight_decay", "norm_weight_decay", "bias_weight_decay", "model_ema",
+                                 "model_ema_every")
 DEFAULTS = dict(
     arch="resnet20,resnet20", method="afd", output="runs/afd", seed=0, print_every=20, sync_bn=False,
     lr_scaling="none", momentum=0.9, nesterov=False, lr_schedule="step", milestones=(), lr_decay=0.1,
     warmup_epochs=0.0, label_smoothing=0.0, adv_milestones=(), adv_lr_decay=0.1, adv_weight_decay=0.1,
     workers=2, loader="auto", skip_bad_files=False, verify_images=False, batched_backward=False,
-    hw_decoder_load=0.65, prefetch=2)
+    hw_decoder_load=0.65, prefetch=2, norm_weight_decay=None, bias_weight_decay=None, model_ema=None,
+    model_ema_every=1, bn_recalibrate=0)
 # settings that define what the run trains: --resume refuses a checkpoint that differs in one
+# (the decay by parameter kind shapes the optimizers' groups, the EMA what a checkpoint holds)
 RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size", "network_image_sizes",
-                "dml_update")
+                "dml_update", "norm_weight_decay", "bias_weight_decay", "model_ema", "model_ema_every")
 NOT_SETTINGS = ("config", "print_config", "resume")  # actions of one command, not part of a run
 
 
@@ -78,6 +81,10 @@ class Config:
     adv_milestones: tuple[int, ...]
     adv_lr_decay: float
     adv_weight_decay: float
+    norm_weight_decay: float | None  # None: as --weight-decay / --adv-weight-decay
+    bias_weight_decay: float | None
+    model_ema: float | None  # the EMA's decay; None: no EMA
+    model_ema_every: int
     image_size: int
     network_image_sizes: tuple[int, ...]  # () : every network at image_size
     # the run
@@ -100,6 +107,7 @@ class Config:
     batched_backward: bool
     hw_decoder_load: float
     prefetch: int
+    bn_recalibrate: int  # training batches that recompute the batch-norm statistics before evaluation; 0: off
     # derived: not settings, not in config.yaml
     world_size: int = field(default=1, metadata={"derived": True})
     recipe_batch: int = field(default=0, metadata={"derived": True})  # the recipe's global batch (lr scaling)
@@ -148,7 +156,10 @@ class Config:
         return (f"{self.epochs} epochs; SGD {s['logit'].describe()}{scaled}, momentum {self.momentum:g}"
                 f"{' nesterov' if self.nesterov else ''}, weight decay {self.weight_decay:g}"
                 f"{f', label smoothing {self.label_smoothing:g}' if self.label_smoothing else ''}; "
-                f"Adam {s['generator'].describe()}, weight decay {self.adv_weight_decay:g}")
+                f"Adam {s['generator'].describe()}, weight decay {self.adv_weight_decay:g}"
+                f"{f'; norms decay {self.norm_weight_decay:g}' if self.norm_weight_decay is not None else ''}"
+                f"{f'; biases decay {self.bias_weight_decay:g}' if self.bias_weight_decay is not None else ''}"
+                f"{f'; weight EMA {self.model_ema:g} every {self.model_ema_every} step(s)' if self.model_ema else ''}")
 
 
 def recipe_names() -> list[str]:
@@ -234,6 +245,19 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     sched.add_argument("--adv-milestones", metavar="E1,E2,...", help="the same for the Adam rate")
     sched.add_argument("--adv-lr-decay", type=float, help="the Adam step schedule's factor (default 0.1)")
     sched.add_argument("--adv-weight-decay", type=float, help="Adam weight decay (default 0.1, the paper's)")
+    sched.add_argument("--norm-weight-decay", type=float,
+                       help="weight decay of normalisation layers' parameters (batch/layer/group norms), in SGD and "
+                            "the Adam sets alike (default: as the rest, the paper's decay on everything)")
+    sched.add_argument("--bias-weight-decay", type=float,
+                       help="weight decay of the other layers' biases, in SGD and the Adam sets alike (default: as "
+                            "the rest)")
+    sched.add_argument("--model-ema", type=float, metavar="DECAY",
+                       help="keep an exponential moving average of every network's weights (e.g. 0.9998), updated "
+                            "on the device inside the training step (in the CUDA graph), with the decay warmed up "
+                            "as min(DECAY, (1+t)/(10+t)) over its first updates; evaluated every epoch beside the "
+                            "raw networks (ema_* metrics) and exported as network<k>_<arch>_ema.pt (default off)")
+    sched.add_argument("--model-ema-every", type=int, metavar="N",
+                       help="update the EMA every N training steps (default 1)")
     sched.add_argument("--image-size", type=int, help="training crop, pixels (32 for CIFAR recipes, 224 for ImageNet's)")
     sched.add_argument("--network-image-sizes", metavar="S1,S2,...",
                        help="each network's own input size, one per --arch entry (e.g. 299,224): the loader crops at "
@@ -254,6 +278,11 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     data.add_argument("--hw-decoder-load", type=float,
                       help="DALI on a GPU: share of JPEG decoding given to the hardware decoder (0..1, default 0.65)")
     data.add_argument("--prefetch", type=int, help="DALI: batches prepared ahead (prefetch queue depth, default 2)")
+    data.add_argument("--bn-recalibrate", type=int, metavar="N",
+                      help="before each evaluation and the export, recompute every network's (and EMA's) batch-norm "
+                           "statistics over N batches of training images prepared as validation images (no "
+                           "augmentation), averaged over the processes; checkpoints keep the training statistics "
+                           "(default 0: off)")
 
     ckpt = p.add_argument_group(
         "checkpoints and preemption",
@@ -515,8 +544,8 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
     for key in ("lr_decay", "adv_lr_decay"):
         if not sched[key] > 0:
             raise ConfigError(f"{origin(key)} must be positive (the factor at each milestone), got {sched[key]:g}")
-    for key in ("momentum", "weight_decay", "adv_weight_decay"):
-        if sched[key] < 0:
+    for key in ("momentum", "weight_decay", "adv_weight_decay", "norm_weight_decay", "bias_weight_decay"):
+        if sched[key] is not None and sched[key] < 0:
             raise ConfigError(f"{origin(key)} must not be negative, got {sched[key]:g}")
     if sched["nesterov"] and sched["momentum"] <= 0:
         raise ConfigError("--nesterov needs a positive --momentum")
@@ -525,6 +554,11 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
                           f"than the run (--epochs {epochs})")
     if not 0 <= sched["label_smoothing"] < 1:
         raise ConfigError(f"{origin('label_smoothing')} must lie in [0, 1), got {sched['label_smoothing']:g}")
+    if sched["model_ema"] is not None and not 0 < sched["model_ema"] < 1:
+        raise ConfigError(f"{origin('model_ema')} is the EMA's decay per update, in (0, 1) (e.g. 0.9998), "
+                          f"got {sched['model_ema']:g}")
+    if sched["model_ema_every"] < 1:
+        raise ConfigError(f"{origin('model_ema_every')} must be at least 1, got {sched['model_ema_every']}")
     if sched["image_size"] < 1:
         raise ConfigError(f"{origin('image_size')} must be at least 1, got {sched['image_size']}")
     network_image_sizes = _network_image_sizes(given.get("network_image_sizes"), archs, origin("network_image_sizes"))
@@ -533,7 +567,8 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
     run = {k: given.get(k, DEFAULTS.get(k)) for k in ("output", "seed", "max_steps", "print_every", "sync_bn",
                                                       "workers", "loader", "skip_bad_files", "verify_images",
                                                       "checkpoint_every", "checkpoint_minutes", "signal_check_every",
-                                                      "batched_backward", "hw_decoder_load", "prefetch")}
+                                                      "batched_backward", "hw_decoder_load", "prefetch",
+                                                      "bn_recalibrate")}
     device = given.get("device") or ("cuda" if cuda_available else "cpu")
     if device == "cuda" and not cuda_available:
         raise ConfigError("--device cuda but no GPU is visible; use --device cpu")
@@ -546,6 +581,8 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
     for key in ("checkpoint_every", "signal_check_every", "print_every", "max_steps"):
         if run[key] is not None and run[key] < 1:
             raise ConfigError(f"{origin(key)} must be at least 1, got {run[key]}")
+    if run["bn_recalibrate"] < 0:
+        raise ConfigError(f"{origin('bn_recalibrate')} is a number of batches (0: off), got {run['bn_recalibrate']}")
     if run["workers"] < 0:
         raise ConfigError(f"{origin('workers')} must not be negative, got {run['workers']}")
     if run["checkpoint_minutes"] is not None and not run["checkpoint_minutes"] > 0:

@@ -82,7 +82,11 @@ def tensorboard_writer(output: str):
     return SummaryWriter(os.path.join(output, "tensorboard"))
 
 
-def write_outputs(config: Config, model, history: list[dict], loaders) -> dict:
+def write_outputs(config: Config, models: dict, history: list[dict], loaders) -> dict:
+    """summary.json, the plain weights of every network (network<k>_<arch>.pt) and of its EMA
+    (network<k>_<arch>_ema.pt; ``models``: metric prefix -> AFDModel, "" the trained one, "ema_" its
+    EMA) and curves.png."""
+    model = models[""]
     last = history[-1] if history else {}
     k = len(config.archs)
     # what the run was (benchmarks/accuracy.py sets a run beside the paper's number only when it matches)
@@ -97,9 +101,11 @@ def write_outputs(config: Config, model, history: list[dict], loaders) -> dict:
                **metrics.final_accuracy(history, len(model.trained_networks())), "val_images": last.get("val_images")}
     with open(os.path.join(config.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    for i, (arch, net) in enumerate(zip(config.archs, model.networks)):
-        checkpoint.write_durably({n: t.cpu() for n, t in net.plain_state_dict().items()},
-                                 os.path.join(config.output, f"network{i}_{arch}.pt"), rotate=False)
+    for prefix, exported in models.items():
+        suffix = "_" + prefix.rstrip("_") if prefix else ""
+        for i, (arch, net) in enumerate(zip(config.archs, exported.networks)):
+            checkpoint.write_durably({n: t.cpu() for n, t in net.plain_state_dict().items()},
+                                     os.path.join(config.output, f"network{i}_{arch}{suffix}.pt"), rotate=False)
     plot_curves(history, k, os.path.join(config.output, "curves.png"))
     print(json.dumps(summary, indent=2))
     return summary
@@ -117,6 +123,8 @@ def plot_curves(history: list[dict], k: int, path: str) -> None:
                          label=f"network {i}")
         ax_acc.plot(epochs, [h[f"net{i}_top1"] for h in history], label=f"network {i}")
     ax_acc.plot(epochs, [h["ensemble_top1"] for h in history], "k--", label="ensemble")
+    if "ema_ensemble_top1" in history[-1]:
+        ax_acc.plot(epochs, [h.get("ema_ensemble_top1") for h in history], "k:", label="EMA ensemble")
     ax_loss.set(xlabel="epoch", ylabel="training logit loss (CE + KD)", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="validation top-1 (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):

@@ -46,11 +46,11 @@ class Progress:
 def capture(reason: str, run: Progress, model, dual_step, loaders, config, rank: int, world: int) -> dict | None:
     """The checkpoint of this moment, in host memory, on rank 0 (None elsewhere): the shared state
     plus every process's own (RNGs, batch-norm buffers, loss sums, data loader state)."""
-    state = model.state_dict()
+    state, ema = model.state_dict(), dual_step.ema
     own = checkpoint.host_copy({
         "rng": checkpoint.rng_state(), "loss_sums": run.loss_sums, "summed": run.summed,
-        "buffers": {n: b for n, b in model.named_buffers() if n in state},  # not the non-persistent ones
-        "loader": loaders.train_state() if run.batch else None})
+        "buffers": _buffers(model), "loader": loaders.train_state() if run.batch else None,
+        **({"ema_buffers": _buffers(ema.model)} if ema is not None else {})})
     ranks = [own]
     if world > 1:
         ranks = [None] * world if rank == 0 else None
@@ -62,7 +62,13 @@ def capture(reason: str, run: Progress, model, dual_step, loaders, config, rank:
         "epoch": run.epoch, "batch": run.batch, "step": run.steps_done, "world_size": world,
         "batch_size": config.batch_per_process, "steps_per_epoch": loaders.steps_per_epoch,
         "loader_backend": loaders.backend, "best": run.best, "history": run.history, "ranks": ranks,
-        "config": config.settings(), "reason": reason})
+        "config": config.settings(), "reason": reason, **({"ema": ema.state_dict()} if ema is not None else {})})
+
+
+def _buffers(model) -> dict:
+    """A process's own batch-norm statistics (and other persistent buffers): they differ by process."""
+    state = model.state_dict()
+    return {n: b for n, b in model.named_buffers() if n in state}  # not the non-persistent ones
 
 
 def find_checkpoint(config, rank: int, world: int) -> tuple[str, dict, list[tuple[str, str]]] | None:
@@ -117,6 +123,9 @@ def restore(ckpt: dict, run: Progress, model, dual_step, rates, loaders, config,
     spe, loader_state = loaders.steps_per_epoch, None
     model.load_state_dict(ckpt["model"])
     dual_step.load_state_dict(ckpt["optimizers"])
+    ema = dual_step.ema
+    if ema is not None:  # (the run defines whether it has one: a checkpoint of the same run has it)
+        ema.load_state_dict(ckpt["ema"])
     rates.forget()  # the loaded optimizer state holds the checkpoint's rates
     run.epoch, run.batch, run.steps_done = ckpt["epoch"], ckpt["batch"], ckpt["step"]
     run.best, run.history = ckpt["best"], ckpt["history"]
@@ -125,9 +134,10 @@ def restore(ckpt: dict, run: Progress, model, dual_step, rates, loaders, config,
     checkpoint.set_rng_state(own["rng"])
     if ckpt["world_size"] == world and ckpt["batch_size"] == config.batch_per_process:
         with torch.no_grad():
-            buffers = dict(model.named_buffers())
-            for name, value in own.get("buffers", {}).items():
-                buffers[name].copy_(value)
+            for held, saved in [(model, own.get("buffers", {}))] + ([(ema.model, own["ema_buffers"])] if ema else []):
+                buffers = dict(held.named_buffers())
+                for name, value in saved.items():
+                    buffers[name].copy_(value)
         run.loss_sums = {k: v.to(device) for k, v in own.get("loss_sums", {}).items()}
         run.summed = own.get("summed", run.batch)
         loader_state = own.get("loader")

@@ -13,6 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
+from afd_fast.ema import WeightEMA
 from afd_fast.model import AFDModel
 
 @contextlib.contextmanager
@@ -128,6 +129,10 @@ class DualStep:
     :class:`LossScale`. ``fused``: torch's fused SGD/Adam with learning rates held in device tensors
     (the schedules update them in place), needed for fp16 and for CUDA-graph capture; default on CUDA
     and with fp16.
+    ``norm_weight_decay``, ``bias_weight_decay``: the decay of normalisation layers' parameters and of
+    the other biases in every optimizer (:func:`decay_groups`; None: as the rest). ``model_ema``: the
+    decay of a :class:`afd_fast.ema.WeightEMA` of the networks, updated at the end of every call
+    (every ``model_ema_every`` calls), inside what a CUDA graph captures; None: none.
     ``capturable``: Adam ready for CUDA-graph capture (CUDA only). ``batched_backward``: the logit
     and generator sets through the extractors in one batched backward (see :func:`gradient_sets`;
     an experiment that ``benchmarks/step.py`` measures, off by default)."""
@@ -135,7 +140,8 @@ class DualStep:
     def __init__(self, model: AFDModel, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
                  adv_lr: float = 2e-5, adv_weight_decay: float = 0.1, average_gradients=None, amp: str = "off",
                  fused: bool | None = None, capturable: bool = False, batched_backward: bool = False,
-                 nesterov: bool = False, dml_update: str = "sync"):
+                 nesterov: bool = False, dml_update: str = "sync", norm_weight_decay: float | None = None,
+                 bias_weight_decay: float | None = None, model_ema: float | None = None, model_ema_every: int = 1):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         if dml_update not in ("sync", "alternate") or (dml_update == "alternate" and model.method != "dml"):
@@ -154,9 +160,13 @@ class DualStep:
         def rate(value: float):
             return torch.tensor(value, dtype=torch.float32, device=self.device) if fused else value
 
-        adam = dict(weight_decay=adv_weight_decay, fused=fused or None, capturable=capturable)
-        self.optimizers = {"logit": torch.optim.SGD(model.logit_parameters(), lr=rate(lr), momentum=momentum,
-                                                    nesterov=nesterov, weight_decay=weight_decay, fused=fused or None)}
+        kinds = parameter_kinds(model)
+
+        def groups(params, decay: float) -> list[dict]:
+            return decay_groups(params, kinds, decay, norm_weight_decay, bias_weight_decay)
+        adam = dict(fused=fused or None, capturable=capturable)
+        self.optimizers = {"logit": torch.optim.SGD(groups(model.logit_parameters(), weight_decay), lr=rate(lr),
+                                                    momentum=momentum, nesterov=nesterov, fused=fused or None)}
         if fused and momentum != 0:
             # torch's fused SGD allocates momentum buffers uninitialised (empty_like) on its first
             # step and fills them in the kernel, which returns early when found_inf is set: an fp16
@@ -165,9 +175,12 @@ class DualStep:
             for p in model.logit_parameters():
                 sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
         if model.spec.adversarial:
-            self.optimizers["generator"] = torch.optim.Adam(model.generator_parameters(), lr=rate(adv_lr), **adam)
-            self.optimizers["discriminator"] = torch.optim.Adam(model.discriminator_parameters(), lr=rate(adv_lr),
-                                                                **adam)
+            self.optimizers["generator"] = torch.optim.Adam(groups(model.generator_parameters(), adv_weight_decay),
+                                                            lr=rate(adv_lr), **adam)
+            self.optimizers["discriminator"] = torch.optim.Adam(
+                groups(model.discriminator_parameters(), adv_weight_decay), lr=rate(adv_lr), **adam)
+        # the weight EMA, updated at the end of every call: inside the step that a CUDA graph captures
+        self.ema = WeightEMA(model, model_ema, model_ema_every) if model_ema else None
 
     def _autocast(self):
         # autocast's weight cache must be off under CUDA-graph capture (and buys nothing here:
@@ -181,9 +194,14 @@ class DualStep:
         return len(self.model.networks) if self.alternate else 1
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One training step on this batch (alternating DML: one iteration on these K batches)."""
-        if self.alternate:
-            return self._alternate(images, target)
+        """One training step on this batch (alternating DML: one iteration on these K batches), then
+        the weight EMA's update."""
+        losses = self._alternate(images, target) if self.alternate else self._synchronous(images, target)
+        if self.ema is not None:
+            self.ema.update()
+        return losses
+
+    def _synchronous(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         with self._autocast():
             losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
@@ -270,6 +288,32 @@ class DualStep:
                             values[key] = value.to(p.device, torch.float32)
         if self.loss_scale is not None and "loss_scale" in state:
             self.loss_scale.load_state_dict(state["loss_scale"])
+
+
+def parameter_kinds(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> "norm" (any parameter of a normalisation layer: torch's batch, layer, group and
+    instance norms and any module whose class name has "Norm", as timm's RmsNorm or LayerNorm2d),
+    "bias" (a bias of any other layer) or "weight" (the rest): what --norm-weight-decay and
+    --bias-weight-decay apply to, as torchvision's reference scripts split them."""
+    torch_norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+    kinds = {}
+    for module in model.modules():
+        is_norm = isinstance(module, torch_norms) or "norm" in type(module).__name__.lower()
+        for name, p in module.named_parameters(recurse=False):
+            kinds.setdefault(id(p), "norm" if is_norm else "bias" if name == "bias" else "weight")
+    return kinds
+
+
+def decay_groups(params: list[nn.Parameter], kinds: dict[int, str], weight_decay: float,
+                 norm_weight_decay: float | None = None, bias_weight_decay: float | None = None) -> list[dict]:
+    """The optimizer's parameter groups: one per weight decay, in the order of ``params`` within each
+    (None: a kind decays as the rest). Without the two options, one group: the paper's decay on all."""
+    decay = {"weight": weight_decay, "norm": weight_decay if norm_weight_decay is None else norm_weight_decay,
+             "bias": weight_decay if bias_weight_decay is None else bias_weight_decay}
+    by_decay: dict[float, list] = {}
+    for p in params:
+        by_decay.setdefault(decay[kinds.get(id(p), "weight")], []).append(p)
+    return [{"params": group, "weight_decay": value} for value, group in by_decay.items()]
 
 
 def _step_with(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:

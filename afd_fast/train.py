@@ -15,6 +15,7 @@ otherwise (for torchrun --max-restarts and requeued jobs).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from afd_fast import checkpoint, metrics, preemption, run_dir, run_state
+from afd_fast.calibration import recalibrated
 from afd_fast.config import Config, parse as parse_config
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep
@@ -102,7 +104,9 @@ def main(argv=None) -> dict:
             trainer.fit()
         finally:
             trainer.close()
-        summary = run_dir.write_outputs(config, trainer.model, trainer.run.history, trainer.loaders) if rank == 0 else {}
+        with trainer.statistics_for_export():  # (--bn-recalibrate: every process takes part)
+            summary = run_dir.write_outputs(config, trainer.evaluated_models(), trainer.run.history,
+                                            trainer.loaders) if rank == 0 else {}
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
@@ -211,11 +215,43 @@ class Trainer:
             for value in means.values():
                 dist.all_reduce(value)
                 value /= self.world
-        val = metrics.evaluate(self.model, self.loaders.val, self.device, self.dual_step.amp_dtype)
+        val = self.evaluate()
         rates = self.rates.rates(max(run.steps_done - 1, 0))  # the epoch's last step's (a cosine moves every step)
         return {"epoch": run.epoch + 1, "step": run.steps_done, "img_per_s": rate, "lr": rates["logit"],
                 **({"adv_lr": rates["generator"]} if "generator" in rates else {}),
                 **{f"train_{k}": (v / max(run.summed, 1)).tolist() for k, v in means.items()}, **val}
+
+    # --- evaluation --------------------------------------------------------------------------------
+    def evaluated_models(self) -> dict[str, torch.nn.Module]:
+        """What is evaluated and exported, by metric prefix: the networks, and their weight EMA."""
+        ema = self.dual_step.ema
+        return {"": self.model, **({"ema_": ema.model} if ema is not None else {})}
+
+    def evaluate(self) -> dict:
+        """Validation metrics of the networks and of their EMA (keys ema_*), each with batch-norm
+        statistics recomputed first under --bn-recalibrate (the training ones are put back after)."""
+        out = {}
+        for prefix, model in self.evaluated_models().items():
+            with self.recalibrated(model):
+                val = metrics.evaluate(model, self.loaders.val, self.device, self.dual_step.amp_dtype)
+            out.update({f"{prefix}{k}": v for k, v in val.items() if not (prefix and k == "val_images")})
+        return out
+
+    def recalibrated(self, model: torch.nn.Module):
+        """--bn-recalibrate N: the model's batch-norm statistics recomputed over N batches of training
+        images without augmentation, for the time of the with-block; else nothing changes."""
+        if not self.config.bn_recalibrate:
+            return contextlib.nullcontext()
+        return recalibrated(model, self.loaders.calibration_batches(self.config.bn_recalibrate), self.device,
+                            self.dual_step.amp_dtype, self.memory_format)
+
+    @contextlib.contextmanager
+    def statistics_for_export(self):
+        """Every evaluated model recalibrated (--bn-recalibrate) while the exports are written."""
+        with contextlib.ExitStack() as stack:
+            for model in self.evaluated_models().values():
+                stack.enter_context(self.recalibrated(model))
+            yield
 
     # --- stops and checkpoints ---------------------------------------------------------------------
     def act(self, decision: preemption.Decision) -> None:
@@ -362,7 +398,9 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
                          adv_weight_decay=config.adv_weight_decay,
                          average_gradients=average_across_processes if world > 1 else None, amp=config.amp,
                          capturable=config.cuda_graph, batched_backward=config.batched_backward,
-                         dml_update=config.dml_update)
+                         dml_update=config.dml_update, norm_weight_decay=config.norm_weight_decay,
+                         bias_weight_decay=config.bias_weight_decay, model_ema=config.model_ema,
+                         model_ema_every=config.model_ema_every)
     update = GraphedStep(dual_step) if config.cuda_graph else dual_step
     rates = LearningRates(dual_step.optimizers, config.schedules(), steps_per_epoch)
     return model, dual_step, update, rates

@@ -55,6 +55,7 @@ from afd_fast.methods import METHODS, architecture_problem, method_spec  # noqa:
 from afd_fast.plotting import pyplot  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EMA_COLUMNS = ("ema_net_mean", "ema_ensemble")  # reported when the runs have a weight EMA (--model-ema)
 ROOT = os.path.dirname(HERE)
 
 
@@ -196,7 +197,10 @@ class Runner:
                          "ensemble": summary[ensemble_key], "mean_softmax_ensemble": summary["ensemble_top1"],
                          "epochs": summary["epochs"], "steps": summary["steps"],
                          "global_batch": summary.get("global_batch"),
-                         "setting": {k: summary.get(k) for k in SETTING_KEYS}})
+                         "setting": {k: summary.get(k) for k in SETTING_KEYS},
+                         # with --model-ema in --train-args: the EMA's mean and ensemble (ONE: gated) too
+                         **({"ema_net_mean": summary["ema_net_mean_top1"], "ema_ensemble": summary["ema_" + ensemble_key]}
+                            if "ema_net_mean_top1" in summary else {})})
         return runs
 
 
@@ -212,7 +216,7 @@ def evaluate_as_they_are(argv: list[str]) -> dict:
     model, step, _, _ = train.build_training(config, loaders.num_classes, 1, device, loaders.steps_per_epoch)
     val = metrics.evaluate(model, loaders.val, device, step.amp_dtype)
     os.makedirs(config.output, exist_ok=True)
-    return run_dir.write_outputs(config, model, [{"epoch": 0, "step": 0, "img_per_s": 0.0, **val}], loaders)
+    return run_dir.write_outputs(config, {"": model}, [{"epoch": 0, "step": 0, "img_per_s": 0.0, **val}], loaders)
 
 
 def _train_in_process(argv: list[str], log_path: str, run=None):
@@ -278,6 +282,7 @@ def summarize(row: Row, runs: list[dict]) -> dict:
             "nets": [mean_std([r["nets"][i] for r in runs]) for i in range(len(archs))],
             "net_mean": mean_std([r["net_mean"] for r in runs]), "ensemble": mean_std([r["ensemble"] for r in runs]),
             "seconds": mean_std([r["seconds"] for r in runs]),
+            **{key: mean_std([r[key] for r in runs]) for key in EMA_COLUMNS if all(key in r for r in runs)},
             "comparable": first is not None and not differences, "differences": differences,
             "paper": None if first is None else {
                 "tables": [r.table for r in paper], "dataset": first.dataset, "nets": list(first.nets),
@@ -305,15 +310,22 @@ def _paper(value, derived=False, comparable=True) -> str:
     return "—" if value is None else f"{value:.2f}{'*' if derived else ''}"
 
 
+def _ema_cells(r: dict) -> list[str]:
+    """The weight EMA's net mean and ensemble (runs with --model-ema)."""
+    return [_fmt(r[key]) if key in r else "—" for key in EMA_COLUMNS]
+
+
 def markdown(rows: list[dict], title: str) -> str:
+    ema = any(key in r for r in rows for key in EMA_COLUMNS)
     lines = [f"# {title}", "",
              "Top-1 (%) at the end of training, mean ± std over the seeds; *paper*: the AFD paper's number for the "
              "same row (its table in the first column; CIFAR-100 numbers are means of 5 runs), shown only where the "
              "runs match the paper's setting (n/c: not comparable, the last column says why). Ensemble: mean of the "
              "softmaxes (ONE: its gated ensemble, as in the paper).", "",
-             "| table | method | networks | per network | paper | net mean | paper | ensemble | paper | runs | s/run | "
-             "vs paper |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| table | method | networks | per network | paper | net mean | paper | ensemble | paper | "
+             + ("EMA net mean | EMA ensemble | " if ema else "") + "runs | s/run | vs paper |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | " + ("---: | ---: | " if ema else "")
+             + "---: | ---: | --- |"]
     for r in rows:
         p, ok = r["paper"] or {}, r["comparable"]
         nets = " / ".join(_fmt(s) for s in r["nets"])
@@ -321,7 +333,8 @@ def markdown(rows: list[dict], title: str) -> str:
         tables = ", ".join(str(t) for t in p.get("tables", [])) or "—"
         lines.append(f"| {tables} | {r['label']} | {', '.join(r['archs'])} | {nets} | {paper_nets} | "
                      f"{_fmt(r['net_mean'])} | {_paper(p.get('net_mean'), p.get('net_mean_derived'), ok)} | "
-                     f"{_fmt(r['ensemble'])} | {_paper(p.get('ensemble'), comparable=ok)} | {r['net_mean']['n']} | "
+                     f"{_fmt(r['ensemble'])} | {_paper(p.get('ensemble'), comparable=ok)} | "
+                     + ("".join(f"{cell} | " for cell in _ema_cells(r)) if ema else "") + f"{r['net_mean']['n']} | "
                      f"{r['seconds']['mean']:.0f} | {_versus(r)} |")
     lines += ["", "\\* mean of the paper's per-network numbers (the table prints those, not their mean)."]
     return "\n".join(lines) + "\n"
@@ -415,15 +428,16 @@ def main(argv=None) -> dict:
     for row in rows:
         results.append(summarize(row, runner.run_row(row)))
 
-    table = []
+    table, ema = [], any(key in r for r in results for key in EMA_COLUMNS)
     for r in results:
         p, ok = r["paper"] or {}, r["comparable"]
         table.append([",".join(str(t) for t in p.get("tables", [])) or "-", r["label"], "+".join(r["archs"]),
                       " / ".join(_fmt(s) for s in r["nets"]), _fmt(r["net_mean"]),
                       _paper(p.get("net_mean"), p.get("net_mean_derived"), ok), _fmt(r["ensemble"]),
-                      _paper(p.get("ensemble"), comparable=ok), f"{r['seconds']['mean']:.0f}"])
+                      _paper(p.get("ensemble"), comparable=ok), *(_ema_cells(r) if ema else []),
+                      f"{r['seconds']['mean']:.0f}"])
     common.print_table(["table", "method", "networks", "per network", "net mean", "paper", "ensemble", "paper",
-                        "s/run"], table)
+                        *(["EMA net mean", "EMA ensemble"] if ema else []), "s/run"], table)
     for r in results:
         if r["paper"] is not None and not r["comparable"]:
             print(f"{r['label']} {'+'.join(r['archs'])}: {_versus(r)}")

@@ -121,6 +121,26 @@ def test_accuracy_rows_are_comparable_only_in_the_papers_setting():
     assert accuracy.paper_differences(six, "ImageNet", imagenet) == ["networks from scratch (paper: pre-trained)"]
 
 
+def test_accuracy_reports_the_weight_ema_columns_when_the_runs_have_an_ema():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import accuracy
+
+    row = accuracy.Row("vanilla", ("resnet20", "resnet20"))  # no paper row: nothing to compare
+    runs = [{"seconds": 1.0, "nets": [60.0 + s, 61.0], "net_mean": 60.5 + s / 2, "ensemble": 62.0, "setting": {}}
+            for s in range(2)]
+    plain = accuracy.summarize(row, runs)
+    assert not any(key in plain for key in accuracy.EMA_COLUMNS)
+    assert "EMA" not in accuracy.markdown([plain], "t")
+    with_ema = accuracy.summarize(row, [{**r, "ema_net_mean": 63.0 + i, "ema_ensemble": 64.0}
+                                        for i, r in enumerate(runs)])
+    table = accuracy.markdown([with_ema, plain], "t").splitlines()
+    header = [c.strip() for c in table[4].split("|")]
+    assert header[10:12] == ["EMA net mean", "EMA ensemble"]
+    first, second = ([c.strip() for c in line.split("|")] for line in table[6:8])
+    assert first[10:12] == ["63.50 ± 0.71", "64.00 ± 0.00"] and second[10:12] == ["—", "—"]
+    assert len(first) == len(second) == len(header)
+
+
 def test_paper_tables_are_typed_in_consistently():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import paper_tables

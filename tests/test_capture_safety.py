@@ -315,13 +315,15 @@ class Case:
     sizes: tuple | None = None  # each network's own image size (--network-image-sizes)
     dml_update: str = "sync"  # alternate: one call updates each network on its share of the batch, in turn
     size: int = SIZE  # the batch's image size (--image-size)
+    ema: bool = False  # the weight EMA (every 2nd step) and no weight decay on norms and biases (issue 24)
 
     def __str__(self):
         return (f"{self.method}-{self.topology}-{'+'.join(self.archs)}-amp_{self.amp}"
                 f"{'-sizes_' + 'x'.join(map(str, self.sizes)) if self.sizes else ''}"
                 f"{f'-{self.size}px' if self.size != SIZE else ''}"
                 f"{'-batched' if self.batched else ''}{'-contiguous' if not self.channels_last else ''}"
-                f"{'-allreduce' if self.all_reduce else ''}{'-alternate' if self.dml_update == 'alternate' else ''}")
+                f"{'-allreduce' if self.all_reduce else ''}{'-alternate' if self.dml_update == 'alternate' else ''}"
+                f"{'-ema' if self.ema else ''}")
 
 
 AMPS = ("off", "bf16", "fp16")
@@ -345,6 +347,10 @@ CASES = (
     # DML's alternating form: the whole iteration (a pair: two halves of the batch) in one graph
     + [Case(method="dml", dml_update="alternate", amp=a) for a in AMPS]
     + [Case(method="dml", dml_update="alternate", sizes=(SIZE // 2, SIZE), amp="fp16")]
+    # the weight EMA inside the step, every method (ONE: identical networks), and decay groups
+    + [Case(method=m, amp=a, ema=True) for m in ANY_NETWORKS for a in ("bf16", "fp16")]
+    + [Case(method="one", archs=("resnet8", "resnet8"), amp=a, ema=True) for a in ("bf16", "fp16")]
+    + [Case(method="dml", dml_update="alternate", amp="bf16", ema=True)]
 )
 
 
@@ -358,7 +364,8 @@ def build_step(case: Case, seed: int = 0, network=None, cls=DualStep, fused_loss
     model = model.to(memory_format=fmt)
     step = cls(model, lr=0.05, weight_decay=1e-4, adv_lr=1e-3,
                average_gradients=train.average_across_processes if case.all_reduce else None,
-               amp=case.amp, fused=True, capturable=True, batched_backward=case.batched, dml_update=case.dml_update)
+               amp=case.amp, fused=True, capturable=True, batched_backward=case.batched, dml_update=case.dml_update,
+               **(dict(model_ema=0.9, model_ema_every=2, norm_weight_decay=0.0, bias_weight_decay=0.0) if case.ema else {}))
     # GraphedStep's static input buffers; the trainer's loaders give fp16 batches with amp fp16
     images = torch.empty(BATCH, 3, case.size, case.size, dtype=torch.float16 if case.amp == "fp16" else torch.float32)
     images = images.contiguous(memory_format=fmt)
@@ -385,6 +392,8 @@ def persistent_state(step: DualStep, images, target) -> dict:
             state.update({f"{name}:{index[id(p)]}:{k}": v for k, v in values.items() if isinstance(v, torch.Tensor)})
     if step.loss_scale is not None:
         state.update({"loss_scale:scale": step.loss_scale.scale, "loss_scale:growth": step.loss_scale.growth_tracker})
+    if step.ema is not None:
+        state.update(step.ema.persistent_tensors())
     return {k: (v, v.untyped_storage().data_ptr()) for k, v in state.items()}
 
 
@@ -465,6 +474,9 @@ def test_step_is_capturable(case, request):
 
     names = {op.name for op in checker.traces[0]}
     assert "afd_fast.mutual_distillation_forward.default" in names  # the compiled fused losses
+    if case.ema:  # the EMA's update in the step; the decay groups: weights, and norms and biases at 0
+        assert "aten._foreach_mul_.Tensor" in names and int(step.ema.steps) == WARMUP + CHECKED
+        assert [g["weight_decay"] for g in step.optimizers["logit"].param_groups] == [1e-4, 0.0]
     assert "aten._fused_sgd_.tensor_lr" in names  # the learning rate read from its tensor
     if step.model.spec.adversarial:
         assert {"afd_fast.lsgan_forward.default", "aten._fused_adam_.tensor_lr"} <= names

@@ -242,6 +242,11 @@ def test_bad_config_files_name_the_key_and_the_file(tmp_path, text, message, cap
                                  "imagenet-scratch, quick or a recipe's YAML file"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs a positive --momentum"),
     (["--method", "kd-only", "--dml-update", "alternate"], "--dml-update alternate is DML's (--method dml)"),
+    (["--model-ema", "1"], "--model-ema is the EMA's decay per update, in (0, 1)"),
+    (["--model-ema", "0.9", "--model-ema-every", "0"], "--model-ema-every must be at least 1, got 0"),
+    (["--bn-recalibrate", "-1"], "--bn-recalibrate is a number of batches (0: off), got -1"),
+    (["--norm-weight-decay=-1e-4"], "--norm-weight-decay must not be negative"),
+    (["--bias-weight-decay", "-1"], "--bias-weight-decay must not be negative"),
 ])
 def test_bad_input_stops_with_a_message_and_writes_nothing(tmp_path, argv, message, capsys):
     out = tmp_path / "out"
@@ -302,6 +307,29 @@ def test_dml_update_defines_the_run():
     assert (sync.dml_update, alternate.dml_update) == ("sync", "alternate")
     refuse, _ = config.resume_differences(sync.settings(), alternate)
     assert refuse == ["--dml-update sync -> alternate"]
+
+
+def test_the_ema_and_decay_by_kind_define_the_run_and_round_trip_through_config_yaml(tmp_path):
+    """They shape the optimizers' groups and what a checkpoint holds: --resume refuses a change;
+    config.yaml keeps them (and a recipe may set them), --bn-recalibrate is a setting of the run."""
+    flags = ["--model-ema", "0.999", "--model-ema-every", "4", "--norm-weight-decay", "0", "--bias-weight-decay", "0",
+             "--bn-recalibrate", "20"]
+    on, off = _config(*flags), _config()
+    assert (on.model_ema, on.model_ema_every, on.norm_weight_decay, on.bias_weight_decay, on.bn_recalibrate) == \
+        (0.999, 4, 0.0, 0.0, 20)
+    assert (off.model_ema, off.norm_weight_decay, off.bias_weight_decay, off.bn_recalibrate) == (None, None, None, 0)
+    refuse, warn = config.resume_differences(off.settings(), on)
+    assert refuse == ["--norm-weight-decay None -> 0.0", "--bias-weight-decay None -> 0.0", "--model-ema None -> 0.999",
+                      "--model-ema-every 1 -> 4"] and warn == ["--bn-recalibrate 0 -> 20"]
+    path = tmp_path / "config.yaml"
+    path.write_text(on.to_yaml())
+    assert config.resolve({}, str(path)).settings() == on.settings()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 2\nbatch_size: 8\nlr: 0.1\nweight_decay: 1e-4\nadv_lr: 1e-4\nimage_size: 32\n"
+                      "model_ema: 0.99\nnorm_weight_decay: 0.0\n")
+    from_recipe = _config("--recipe", str(recipe))
+    assert (from_recipe.model_ema, from_recipe.norm_weight_decay) == (0.99, 0.0)
+    assert "weight EMA 0.99 every 1 step(s)" in from_recipe.describe_schedule()
 
 
 def test_resume_names_other_changed_settings(checkpointed, data, tmp_path, capsys):

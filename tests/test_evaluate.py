@@ -22,13 +22,13 @@ DATA_FLAGS = ["--workers", "0", "--loader", "torch"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(data folder, output folder, the last metrics.jsonl record) of 1 epoch of afd on resnet20 pairs,
-    10 classes (a rate at which the networks and their ensemble score differently)."""
+    """(data folder, output folder, the last metrics.jsonl record) of 1 epoch of afd on resnet20 pairs
+    with a weight EMA, 10 classes (a rate at which the networks and their ensemble score differently)."""
     root = tmp_path_factory.mktemp("evaluate")
     data = synthetic_image_folder(str(root / "data"), num_classes=10, train_per_class=12, val_per_class=5, size=32)
     out = str(root / "out")
     train.main(["--data", data, "--output", out, "--batch-size", "8", "--epochs", "1", "--lr", "0.02",
-                "--print-every", "1000", *DATA_FLAGS])
+                "--print-every", "1000", "--model-ema", "0.9", *DATA_FLAGS])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         record = [json.loads(line) for line in f][-1]
     return data, out, record
@@ -36,7 +36,7 @@ def run(tmp_path_factory):
 
 def _same(results, record, prefix=""):
     for key in KEYS:
-        assert results[prefix + key] == pytest.approx(record[key], abs=1e-9), prefix + key
+        assert results[prefix + key] == pytest.approx(record[prefix + key], abs=1e-9), prefix + key
 
 
 def test_exported_networks_reproduce_the_trainers_accuracy(run):
@@ -46,11 +46,13 @@ def test_exported_networks_reproduce_the_trainers_accuracy(run):
     _same(got["results"], record)
     assert got["images"] == record["val_images"] == 50 and got["image_size"] == 32  # a CIFAR network's default
     assert got["networks"]["net1"] == {"arch": "resnet20", "file": files[1]}
-    # EMA exports form their own group; other names need --arch; --split train scores the training images
-    ema = shutil.copy(files[0], os.path.join(os.path.dirname(data), "network0_resnet20_ema.pt"))
+    # the EMA exports form their own group, scored as the trainer scored the EMA
+    emas = [os.path.join(out, f"network{i}_resnet20_ema.pt") for i in range(2)]
+    both = evaluate.main([*files, *emas, "--data", data, *DATA_FLAGS])
+    _same(both["results"], record)
+    _same(both["results"], record, prefix="ema_")
+    # other names need --arch; --split train scores the training images
     renamed = shutil.copy(files[1], os.path.join(os.path.dirname(data), "student.pt"))
-    both = evaluate.main([files[0], ema, "--data", data, *DATA_FLAGS])
-    assert both["results"]["ema_net0_top1"] == both["results"]["net0_top1"] == record["net0_top1"]
     alone = evaluate.main([renamed, "--arch", "resnet20", "--data", data, "--split", "train", *DATA_FLAGS])
     assert alone["images"] == 120 and alone["split"] == "train"
 
@@ -59,14 +61,14 @@ def test_checkpoint_reproduces_the_trainers_accuracy_with_its_ema(run, tmp_path)
     data, out, record = run
     got = evaluate.main([os.path.join(out, "last.pt"), *DATA_FLAGS])  # data, sizes and batch from the checkpoint
     _same(got["results"], record)
-    assert got["data"] == data and got["batch_size"] == 8 and not any(k.startswith("ema_") for k in got["results"])
-    # a checkpoint with an EMA of the model (here: the model itself): the same keys again, prefixed
+    _same(got["results"], record, prefix="ema_")  # the checkpoint's EMA, as the trainer evaluated it
+    assert got["data"] == data and got["batch_size"] == 8
+    assert record["ema_net0_top1"] != record["net0_top1"] or record["ema_net1_top1"] != record["net1_top1"]
+    # a checkpoint without an EMA: no ema_ keys
     ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
-    ckpt["ema"] = {"model": ckpt["model"]}
-    torch.save(ckpt, tmp_path / "ema.pt")
-    got = evaluate.main([str(tmp_path / "ema.pt"), *DATA_FLAGS])
-    _same(got["results"], record)
-    _same(got["results"], record, prefix="ema_")
+    del ckpt["ema"]
+    torch.save(ckpt, tmp_path / "plain.pt")
+    assert not any(k.startswith("ema_") for k in evaluate.main([str(tmp_path / "plain.pt"), *DATA_FLAGS])["results"])
 
 
 def test_recalibration_changes_the_scores_not_the_files(run, tmp_path):

@@ -99,12 +99,14 @@ def _reference(tmp_path_factory, data, extra, torchrun=None):
 
 
 def _assert_same_training(a, b, k=2):
-    """Bit-identical exported networks and the same metrics (the speed aside)."""
-    for i in range(k):
-        na, nb = (torch.load(d / f"network{i}_resnet20.pt", weights_only=True) for d in (a, b))
+    """Bit-identical exported networks (and weight EMAs) and the same metrics (the speed aside)."""
+    exports = sorted(p.name for p in a.glob("network*.pt"))
+    assert len(exports) in (k, 2 * k) and exports == sorted(p.name for p in b.glob("network*.pt"))
+    for name in exports:
+        na, nb = (torch.load(d / name, weights_only=True) for d in (a, b))
         assert na.keys() == nb.keys()
-        for name in na:
-            assert torch.equal(na[name], nb[name]), f"network{i} {name}"
+        for key in na:
+            assert torch.equal(na[key], nb[key]), f"{name} {key}"
 
     def records(d):
         return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
@@ -135,6 +137,10 @@ LOADERS = {  # flags, steps per epoch, epochs, signal
     "cifar": ([], 10, 2, signal.SIGTERM),
     # fp16 on the CPU is slow: one epoch
     "torch-fp16-sigusr1": (["--loader", "torch", "--workers", "0", "--amp", "fp16"], 8, 1, signal.SIGUSR1),
+    # issue 24: the weight EMA in the step and its state in the checkpoint, batch-norm recalibration
+    # before each evaluation and the export
+    "torch-ema-recalibrated": (["--loader", "torch", "--workers", "1", "--model-ema", "0.9", "--model-ema-every", "2",
+                                "--bn-recalibrate", "2"], 8, 2, signal.SIGTERM),
 }
 
 
@@ -165,6 +171,16 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, tmp_path_factor
     assert rc == 0, log[-4000:]
     assert f"resumed from {out / 'last.pt'} (epoch {epochs}, batch 4, step {at})" in log
     _assert_same_training(reference, out)
+    if "ema" in variant:
+        assert "ema" in ckpt and "ema_buffers" in ckpt["ranks"][0]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["ema_net_mean_top1"] >= 0 and "ema_ensemble_top5" in r for r in records)
+        # the EMA and the recalibration change no trained weight, and the checkpoints keep the training
+        # batch-norm statistics: last.pt's model is the one of the same run without them
+        plain = _reference(tmp_path_factory, data, [*LOADERS["torch"][0], "--epochs", str(epochs)])
+        ours, theirs = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (out, plain))
+        assert ours.keys() == theirs.keys() and any("running_mean" in key for key in ours)
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
 @pytest.mark.slow

@@ -89,8 +89,9 @@ def batch_norm_note(name: str, network: torch.nn.Module) -> str | None:
             f"default: 0.1), as its library builds it: these statistics, which evaluation uses, follow the "
             f"weights over ~{steps} steps (1/momentum; fresh, they start at mean 0 and variance 1), so a run of "
             f"not many times {steps} steps is evaluated with statistics far from its weights' (accuracy can stay "
-            "near chance although the network learns; README, 'Your own networks'): start from pre-trained "
-            "weights or train longer")
+            "near chance although the network learns; README, 'Your own networks'): --bn-recalibrate 50 "
+            "recomputes them before each evaluation and the export; or start from pre-trained weights or train "
+            "longer")
 
 
 def parse_pretrained(value, archs) -> tuple[str, ...] | None:
