@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from afd_fast.data.augment import Preparation
 from afd_fast.data.cifar import CifarLoaders, find_cifar
 from afd_fast.data.dali import DALILoaders, dali_available
 from afd_fast.data.folder import BadDataError, list_image_folder, read_file_list
@@ -21,7 +22,7 @@ from afd_fast.data.torchvision_loader import TorchLoaders
 BACKENDS = ("auto", "dali", "torch")
 
 
-def build_loaders(root: str, image_size: int, batch_size: int, workers: int, seed: int, rank: int = 0,
+def build_loaders(root: str, image_size: int | Preparation, batch_size: int, workers: int, seed: int, rank: int = 0,
                   world_size: int = 1, backend: str = "auto", device: torch.device = torch.device("cpu"),
                   skip_bad: bool = False, hw_decoder_load: float = 0.65, prefetch: int = 2,
                   dtype: torch.dtype = torch.float32, verify: bool = False, val_split: str = "val") -> Loaders:
@@ -30,13 +31,18 @@ def build_loaders(root: str, image_size: int, batch_size: int, workers: int, see
     ``hw_decoder_load``, ``prefetch`` and ``dtype`` (float32, float16: DALI's own output type) apply
     to DALI; ``workers`` is DALI's thread count or the DataLoader's process count (and the decode
     check's with ``verify``, see :func:`list_image_folder`). ``val_split="train"``: ``val`` holds the
-    training images instead, each once, prepared as validation images (``python -m afd_fast.evaluate --split train``)."""
+    training images instead, each once, prepared as validation images (``python -m afd_fast.evaluate --split train``).
+    ``image_size``: one size (the training and validation crops, the validation resize the crop / 0.875)
+    or a :class:`Preparation` (sizes, --auto-augment, --random-erasing). CIFAR keeps its 32 px and
+    refuses the augmentations."""
+    prep = image_size if isinstance(image_size, Preparation) else Preparation.of(image_size)
     if val_split not in ("train", "val"):
         raise ValueError(f"val_split must be 'train' or 'val', got {val_split!r}")
     if not os.path.isdir(root):
         raise BadDataError(f"data folder {root!r} does not exist")
     cifar = find_cifar(root)
     if cifar is not None:
+        prep.refuse_augmentation("CIFAR loader")
         return CifarLoaders(cifar, batch_size, seed, rank, world_size, device, val_split)
     device_id = None
     if device.type == "cuda":  # a plain "cuda" device has no index: the current one
@@ -63,8 +69,9 @@ def build_loaders(root: str, image_size: int, batch_size: int, workers: int, see
     if backend == "dali":
         options = dict(threads=max(workers, 1), device_id=device_id, prefetch=prefetch,
                        hw_decoder_load=hw_decoder_load, dtype=dtype)
-        return DALILoaders(train_list, val_list, image_size, batch_size, seed, rank, world_size, options)
-    return TorchLoaders(train_list, val_list, image_size, batch_size, workers, seed, rank, world_size)
+        return DALILoaders(train_list, val_list, prep, batch_size, seed, rank, world_size, options)
+    return TorchLoaders(train_list, val_list, prep, batch_size, workers, seed, rank, world_size)
 
 
-__all__ = ["BACKENDS", "BadDataError", "Loaders", "build_loaders", "list_image_folder", "synthetic_image_folder"]
+__all__ = ["BACKENDS", "BadDataError", "Loaders", "Preparation", "build_loaders", "list_image_folder",
+           "synthetic_image_folder"]

@@ -127,6 +127,7 @@ class CifarLoaders(Loaders):
         if val_split == "train":  # the training images as the test images are read (evaluate --split train)
             test_x, test_y = train_x, train_y
         val = CifarLoader(test_x, test_y, batch_size, False, device, seed, rank, world, len(classes))
+        self.normalisation = NORMALISATION[len(classes)]
         super().__init__(val, len(self.train), len(train_y), classes)
 
     def train_epoch(self, epoch: int, start_batch: int = 0, state=None) -> CifarLoader:

@@ -7,6 +7,8 @@ from typing import Iterable
 
 import torch
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 class Loaders:
     """One process's training and validation data.
@@ -19,6 +21,7 @@ class Loaders:
     overall. ``steps_per_epoch``: training batches per epoch, the same on every process."""
 
     backend = ""
+    normalisation = (IMAGENET_MEAN, IMAGENET_STD)  # (mean, std) per channel of the images in [0, 1]
 
     def __init__(self, val: Iterable, steps_per_epoch: int, train_size: int, classes: list[str]):
         self.val, self.steps_per_epoch, self.train_size, self.classes = val, steps_per_epoch, train_size, classes
@@ -33,6 +36,19 @@ class Loaders:
     def train_state(self):
         """What resumes the epoch in progress exactly at the current batch (None: the position suffices)."""
         return None
+
+    def sample_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` training images of epoch 0 (this process's, augmented as the training loop
+        gets them; fewer if the epoch is shorter), un-normalised: [n, 3, H, W] float in [0, 1] on the
+        CPU, for ``--save-samples``."""
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in self.normalisation)
+        got, count = [], 0
+        for images, _ in self.train_epoch(0):
+            got.append(images[:n - count].float().cpu())
+            count += len(got[-1])
+            if count >= n:
+                break
+        return (torch.cat(got) * std + mean).clamp(0, 1)
 
     def calibration_batches(self, n: int) -> Iterable:
         """Up to ``n`` batches ``(images, labels)`` of this process's share of the training images,

@@ -1,6 +1,7 @@
 """The torchvision backend: a ``DataLoader`` over an image folder or file list, decoded by PIL in
 worker processes, with the same augmentations as the DALI pipelines (random resized crop and flip
-for training; resize and centre crop for validation). Order and augmentation depend on (seed,
+for training, then :mod:`~afd_fast.data.augment`'s policy and random erasing; resize and centre crop
+for validation). Order and augmentation depend on (seed,
 epoch, sample) alone, so an epoch resumed at any batch continues exactly."""
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
+from afd_fast.data.augment import Preparation, torch_train_ops
 from afd_fast.data.folder import BadDataError, FileList
-from afd_fast.data.loaders import Loaders, calibration_indices
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from afd_fast.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Loaders, calibration_indices
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -92,14 +92,15 @@ class TorchLoaders(Loaders):
 
     backend = "torch"
 
-    def __init__(self, train_list: FileList, val_list: FileList, image_size: int, batch_size: int, workers: int,
+    def __init__(self, train_list: FileList, val_list: FileList, prep: Preparation, batch_size: int, workers: int,
                  seed: int, rank: int, world: int):
         normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        policy, erasing = torch_train_ops(prep)  # drawn from the sample's seed too, as the crop and flip
         train_set = _ListDataset(train_list, transforms.Compose([
-            transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            normalize]))
+            transforms.RandomResizedCrop(prep.train_crop), transforms.RandomHorizontalFlip(), *policy,
+            transforms.ToTensor(), normalize, *erasing]))
         self.val_transform = transforms.Compose([
-            transforms.Resize(int(round(image_size / 0.875))), transforms.CenterCrop(image_size),
+            transforms.Resize(prep.val_resize), transforms.CenterCrop(prep.val_crop),
             transforms.ToTensor(), normalize])
         val_set = _ListDataset(val_list, self.val_transform)
         # Order and augmentation depend on (seed, epoch, sample) only, which makes resuming exact.
