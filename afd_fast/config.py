@@ -38,17 +38,20 @@ RECIPE_REQUIRED = ("epochs", "batch_size", "lr", "weight_decay", "adv_lr", "imag
 RECIPE_KEYS = RECIPE_REQUIRED + ("lr_scaling", "momentum", "nesterov", "lr_schedule", "milestones", "lr_decay",
                                  "warmup_epochs", "label_smoothing", "adv_milestones", "adv_lr_decay",
                                  "adv_weight_decay", "norm_weight_decay", "bias_weight_decay", "model_ema",
-                                 "model_ema_every")
+                                 "model_ema_every", "train_crop_size", "val_resize_size", "val_crop_size",
+                                 "auto_augment", "random_erasing")
 DEFAULTS = dict(
     arch="resnet20,resnet20", method="afd", output="runs/afd", seed=0, print_every=20, sync_bn=False,
     lr_scaling="none", momentum=0.9, nesterov=False, lr_schedule="step", milestones=(), lr_decay=0.1,
     warmup_epochs=0.0, label_smoothing=0.0, adv_milestones=(), adv_lr_decay=0.1, adv_weight_decay=0.1,
     workers=2, loader="auto", skip_bad_files=False, verify_images=False, batched_backward=False,
     hw_decoder_load=0.65, prefetch=2, norm_weight_decay=None, bias_weight_decay=None, model_ema=None,
-    model_ema_every=1, bn_recalibrate=0)
+    model_ema_every=1, bn_recalibrate=0, train_crop_size=None, val_resize_size=None, val_crop_size=None,
+    auto_augment=None, random_erasing=0.0, save_samples=0)
 # settings that define what the run trains: --resume refuses a checkpoint that differs in one
 # (the decay by parameter kind shapes the optimizers' groups, the EMA what a checkpoint holds)
-RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size", "network_image_sizes",
+RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size", "train_crop_size",
+                "network_image_sizes",
                 "dml_update", "norm_weight_decay", "bias_weight_decay", "model_ema", "model_ema_every")
 NOT_SETTINGS = ("config", "print_config", "resume")  # actions of one command, not part of a run
 
@@ -87,6 +90,12 @@ class Config:
     model_ema_every: int
     image_size: int
     network_image_sizes: tuple[int, ...]  # () : every network at image_size
+    # None: from image_size (see the preparation property)
+    train_crop_size: int | None
+    val_resize_size: int | None
+    val_crop_size: int | None
+    auto_augment: str | None  # randaugment[:N:M], trivialaugment, autoaugment
+    random_erasing: float
     # the run
     output: str
     seed: int
@@ -108,6 +117,7 @@ class Config:
     hw_decoder_load: float
     prefetch: int
     bn_recalibrate: int  # training batches that recompute the batch-norm statistics before evaluation; 0: off
+    save_samples: int  # training images in <output>/samples.png at start-up; 0: none
     # derived: not settings, not in config.yaml
     world_size: int = field(default=1, metadata={"derived": True})
     recipe_batch: int = field(default=0, metadata={"derived": True})  # the recipe's global batch (lr scaling)
@@ -119,6 +129,15 @@ class Config:
     @property
     def archs(self) -> tuple[str, ...]:
         return self.arch
+
+    @property
+    def preparation(self):
+        """The loaders' sizes and augmentation (:class:`afd_fast.data.augment.Preparation`); its
+        ``train_crop`` is the size the networks are built and probed at."""
+        from afd_fast.data.augment import Preparation
+
+        return Preparation.of(self.image_size, self.train_crop_size, self.val_resize_size, self.val_crop_size,
+                              self.auto_augment, self.random_erasing)
 
     @property
     def batch_per_process(self) -> int:
@@ -260,11 +279,35 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
                             "raw networks (ema_* metrics) and exported as network<k>_<arch>_ema.pt (default off)")
     sched.add_argument("--model-ema-every", type=int, metavar="N",
                        help="update the EMA every N training steps (default 1)")
-    sched.add_argument("--image-size", type=int, help="training crop, pixels (32 for CIFAR recipes, 224 for ImageNet's)")
     sched.add_argument("--network-image-sizes", metavar="S1,S2,...",
                        help="each network's own input size, one per --arch entry (e.g. 299,224): the loader crops at "
-                            "--image-size and each network's input is resized to its size on the device (bilinear, "
-                            "antialiased), in training and evaluation; default: every network at --image-size")
+                            "--train-crop-size / --val-crop-size and each network's input is resized to its size on "
+                            "the device (bilinear, antialiased), in training and evaluation; default: every network at "
+                            "the crop size")
+
+    aug = p.add_argument_group(
+        "augmentation and resolutions",
+        "Default: the recipe's. Image folders only (DALI and torchvision loaders, the same meaning on both); the\n"
+        "CIFAR loader keeps 32 px and refuses --auto-augment and --random-erasing.")
+    aug.add_argument("--image-size", type=int,
+                     help="shorthand: training crop = validation crop = this, validation resize = it / 0.875 (32 for "
+                          "CIFAR recipes, 224 for ImageNet's)")
+    aug.add_argument("--train-crop-size", type=int, metavar="PX",
+                     help="random-resized crop of training (the networks are built at it; default --image-size)")
+    aug.add_argument("--val-resize-size", type=int, metavar="PX",
+                     help="validation: the shorter side resized to this (default --val-crop-size / 0.875)")
+    aug.add_argument("--val-crop-size", type=int, metavar="PX",
+                     help="validation: centre crop after the resize (default --image-size)")
+    aug.add_argument("--auto-augment", metavar="POLICY",
+                     help="after crop and flip: randaugment[:N:M] (N ops of magnitude M of 31 bins, default 2:9), "
+                          "trivialaugment (TrivialAugment wide) or autoaugment (the ImageNet policy); torchvision's "
+                          "transforms.v2 or DALI's auto_aug (README: where they differ); default none")
+    aug.add_argument("--random-erasing", type=float, metavar="P",
+                     help="erase one random box (2-33%% of the area, aspect 0.3-3.3) of the normalised training image "
+                          "with probability P, filled with 0 (the mean colour) (default 0: off)")
+    aug.add_argument("--save-samples", type=int, metavar="N",
+                     help="write the first N training images of epoch 0 (rank 0's, augmented, un-normalised) as a "
+                          "grid to <output>/samples.png at start-up (default 0: none)")
 
     data = p.add_argument_group("data loading")
     data.add_argument("--workers", type=int,
@@ -561,8 +604,13 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
                           f"got {sched['model_ema']:g}")
     if sched["model_ema_every"] < 1:
         raise ConfigError(f"{origin('model_ema_every')} must be at least 1, got {sched['model_ema_every']}")
-    if sched["image_size"] < 1:
-        raise ConfigError(f"{origin('image_size')} must be at least 1, got {sched['image_size']}")
+    for key in ("image_size", "train_crop_size", "val_resize_size", "val_crop_size"):
+        if sched[key] is not None and sched[key] < 1:
+            raise ConfigError(f"{origin(key)} must be at least 1 pixel, got {sched[key]}")
+    from afd_fast.data.augment import Preparation  # (afd_fast.data's loaders are not imported here)
+
+    Preparation.of(sched["image_size"], sched["train_crop_size"], sched["val_resize_size"], sched["val_crop_size"],
+                   sched["auto_augment"], sched["random_erasing"])  # refuses a bad policy, probability or size
     network_image_sizes = _network_image_sizes(given.get("network_image_sizes"), archs, origin("network_image_sizes"))
 
     # the run
@@ -570,7 +618,7 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
                                                       "workers", "loader", "skip_bad_files", "verify_images",
                                                       "checkpoint_every", "checkpoint_minutes", "signal_check_every",
                                                       "batched_backward", "hw_decoder_load", "prefetch",
-                                                      "bn_recalibrate")}
+                                                      "bn_recalibrate", "save_samples")}
     device = given.get("device") or ("cuda" if cuda_available else "cpu")
     if device == "cuda" and not cuda_available:
         raise ConfigError("--device cuda but no GPU is visible; use --device cpu")
@@ -583,6 +631,8 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
     for key in ("checkpoint_every", "signal_check_every", "print_every", "max_steps"):
         if run[key] is not None and run[key] < 1:
             raise ConfigError(f"{origin(key)} must be at least 1, got {run[key]}")
+    if run["save_samples"] < 0:
+        raise ConfigError(f"{origin('save_samples')} is a number of images (0: none), got {run['save_samples']}")
     if run["bn_recalibrate"] < 0:
         raise ConfigError(f"{origin('bn_recalibrate')} is a number of batches (0: off), got {run['bn_recalibrate']}")
     if run["workers"] < 0:

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from afd_fast import checkpoint, metrics
 from afd_fast.calibration import recalibrated
 from afd_fast.config import AMP_MODES, BACKENDS, DEFAULTS
-from afd_fast.data import build_loaders, synthetic_image_folder
+from afd_fast.data import Preparation, build_loaders, synthetic_image_folder
 from afd_fast.errors import AfdFastError, CheckpointError, ConfigError, exit_with
 from afd_fast.model import AFDModel
 from afd_fast.models import build_network, network_problem
@@ -280,8 +280,11 @@ def resolve(args: argparse.Namespace, weights: Weights) -> dict:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     if args.bn_recalibrate < 0:
         raise ConfigError(f"--bn-recalibrate must not be negative, got {args.bn_recalibrate}")
+    # the run's validation sizes (and training crop, the networks' size), unless --image-size sets them all
+    run_sizes = [None if args.image_size else s.get(k) for k in ("train_crop_size", "val_resize_size", "val_crop_size")]
     return {"data": data, "image_size": image_size, "network_image_sizes": list(sizes or []),
-            "batch_size": batch, "seed": _first(args.seed, s.get("seed"), 0)}
+            "batch_size": batch, "seed": _first(args.seed, s.get("seed"), 0),
+            "preparation": Preparation.of(image_size, *run_sizes)}
 
 
 def _first(*values):
@@ -317,13 +320,13 @@ def evaluate(args, weights: Weights, settings: dict, rank: int, world: int, devi
         if dist.is_initialized():
             dist.barrier()
         data = synthetic_image_folder(size=settings["image_size"])
-    loaders = build_loaders(data, settings["image_size"], batch // world, args.workers, settings["seed"], rank, world,
+    loaders = build_loaders(data, settings["preparation"], batch // world, args.workers, settings["seed"], rank, world,
                             backend=args.loader, device=device,
                             dtype=torch.float16 if amp == "fp16" else torch.float32, val_split=args.split)
     if args.bn_recalibrate and loaders.train_size // world < batch // world:
         raise ConfigError(f"--bn-recalibrate: {loaders.train_size} training images in {data!r} make no batch of "
                           f"{batch // world} per process: give a smaller --batch-size")
-    sizes = settings["network_image_sizes"] or settings["image_size"]
+    sizes = settings["network_image_sizes"] or settings["preparation"].train_crop
     models = build_models(weights, loaders.num_classes, sizes, data)
     for _, model, _ in models:
         model.to(device, memory_format=memory_format)

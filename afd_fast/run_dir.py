@@ -5,6 +5,7 @@ curves.png)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -13,6 +14,7 @@ from afd_fast.config import Config, recipe_changes
 from afd_fast.plotting import pyplot
 
 METRICS = "metrics.jsonl"
+SAMPLES = "samples.png"
 
 
 def prepare(config: Config, writer: checkpoint.CheckpointWriter, found) -> None:
@@ -80,6 +82,18 @@ def tensorboard_writer(output: str):
     except ImportError:
         return None
     return SummaryWriter(os.path.join(output, "tensorboard"))
+
+
+def save_samples(config: Config, loaders) -> str:
+    """--save-samples N: the first N training images of epoch 0 (rank 0's, augmented, un-normalised)
+    as one grid, <output>/samples.png."""
+    from torchvision.utils import save_image
+
+    images = loaders.sample_images(config.save_samples)
+    path = os.path.join(config.output, SAMPLES)
+    save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=2)
+    print(f"afd_fast: {len(images)} training images of epoch 0 in {path}")
+    return path
 
 
 def write_outputs(config: Config, models: dict, history: list[dict], loaders) -> dict:

@@ -5,7 +5,8 @@
 
 Without --data a small synthetic JPEG folder (generated once, cached) is used, so the command runs
 end to end on a fresh machine. Outputs in --output: metrics.jsonl, summary.json, curves.png,
-checkpoints (last.pt, previous.pt, best.pt) and each network's plain state_dict (network<k>_<arch>.pt).
+checkpoints (last.pt, previous.pt, best.pt), each network's plain state_dict (network<k>_<arch>.pt) and
+with --save-samples N a grid of the first N augmented training images (samples.png).
 
 Preemption: on SIGTERM or SIGUSR1 every process finishes its step, they agree on the last one,
 last.pt gets the exact position inside the epoch, the command that resumes is printed and every
@@ -100,6 +101,8 @@ def main(argv=None) -> dict:
         if rank == 0:
             run_dir.prepare(config, writer, found)
             print_start(config, world, device, trainer.loaders)
+            if config.save_samples:
+                run_dir.save_samples(config, trainer.loaders)
         try:
             trainer.fit()
         finally:
@@ -373,8 +376,8 @@ def build_data(config, rank: int, world: int, device: torch.device):
         if dist.is_initialized():
             dist.barrier()
         data_root = synthetic_image_folder(size=config.image_size)
-    return build_loaders(data_root, config.image_size, config.batch_per_process, config.workers, config.seed, rank, world,
-                         backend=config.loader, device=device, skip_bad=config.skip_bad_files,
+    return build_loaders(data_root, config.preparation, config.batch_per_process, config.workers, config.seed, rank,
+                         world, backend=config.loader, device=device, skip_bad=config.skip_bad_files,
                          hw_decoder_load=config.hw_decoder_load, prefetch=config.prefetch,
                          dtype=torch.float16 if config.amp == "fp16" else torch.float32, verify=config.verify_images)
 
@@ -383,11 +386,15 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
     """(model, its DualStep, the update to call (the DualStep's CUDA graph or the DualStep itself),
     the learning rates of each step)."""
     pretrained = config.pretrained or [None] * len(config.archs)  # library weights, a file, or "" (fresh)
+    prep = config.preparation  # the networks take the training crop (evaluation: the validation crop)
     networks = [build_network(a, num_classes, p) for a, p in zip(config.archs, pretrained)]
     if device.type == "cpu" and config.amp == "bf16":  # a torch bug on some CPUs (see the function)
-        refuse_one_pixel_strided_convs(networks, config.network_image_sizes or [config.image_size] * len(networks),
-                                       "--network-image-sizes" if config.network_image_sizes else "--image-size")
-    model = AFDModel(networks, config.method, config.topology, config.network_image_sizes or config.image_size,
+        smallest = min(prep.train_crop, prep.val_crop)  # where a 1x1 map comes first
+        flag = ("--network-image-sizes" if config.network_image_sizes else
+                "--val-crop-size" if config.val_crop_size and prep.val_crop < prep.train_crop else
+                "--train-crop-size" if config.train_crop_size else "--image-size")
+        refuse_one_pixel_strided_convs(networks, config.network_image_sizes or [smallest] * len(networks), flag)
+    model = AFDModel(networks, config.method, config.topology, config.network_image_sizes or prep.train_crop,
                      config.temperature,
                      label_smoothing=config.label_smoothing).to(device)
     model = model.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
@@ -416,8 +423,15 @@ def print_start(config, world: int, device: torch.device, loaders) -> None:
     print(f"afd_fast: recipe {config.recipe} ({config.recipe_reason}); global batch {config.batch_size} "
           f"({config.batch_per_process} per process x {world}), T {config.temperature:g}"
           f"{f', {config.dml_update} DML updates' if config.method == 'dml' else ''}, "
-          f"images {config.image_size} px{sizes}")
+          f"images {describe_preparation(config.preparation)}{sizes}")
     print(f"afd_fast: schedule: {config.describe_schedule()}")
+
+
+def describe_preparation(prep) -> str:
+    """'176 px (validation 232 -> 224 px), trivialaugment, random erasing 0.1'."""
+    extras = [prep.auto_augment] if prep.policy else []
+    extras += [f"random erasing {prep.random_erasing:g}"] if prep.random_erasing else []
+    return f"{prep.train_crop} px (validation {prep.val_resize} -> {prep.val_crop} px)" + "".join(", " + e for e in extras)
 
 
 def check_finite(loss_sums: dict, step: int, archs: list[str]) -> None:

@@ -134,6 +134,9 @@ def _interrupt(argv, out, pause_step, sig=signal.SIGTERM, rank=0, torchrun=None)
 LOADERS = {  # flags, steps per epoch, epochs, signal
     "torch": (["--loader", "torch", "--workers", "1"], 8, 2, signal.SIGTERM),
     "dali": (["--loader", "dali", "--workers", "2"], 8, 2, signal.SIGTERM),
+    # issue 25: DALI's auto_aug policy and random erasing, their draws in the pipeline checkpoint
+    "dali-augmented": (["--loader", "dali", "--workers", "2", "--auto-augment", "trivialaugment",
+                        "--random-erasing", "0.5"], 8, 2, signal.SIGTERM),
     "cifar": ([], 10, 2, signal.SIGTERM),
     # fp16 on the CPU is slow: one epoch
     "torch-fp16-sigusr1": (["--loader", "torch", "--workers", "0", "--amp", "fp16"], 8, 1, signal.SIGUSR1),
