@@ -5,8 +5,9 @@
 
 On ../shared/data/imagenette-mini (real ImageNet JPEGs), training augmentation at --image-size:
 DALI with CPU decoding, DALI with GPU ("mixed") decoding when a GPU is present, and the
-torchvision DataLoader (the fallback), each with --workers threads/processes; ratios to the
-torchvision DataLoader. Then the device-resident CIFAR loader (crop, flip, normalise on the
+torchvision DataLoader (the fallback), each with --workers threads/processes, each plain (crop,
+flip, normalise) and with each --auto-augment policy and --random-erasing 0.25; ratios to the same
+loader's plain pipeline and (plain rows) to the torchvision DataLoader's. Then the device-resident CIFAR loader (crop, flip, normalise on the
 device) on a synthetic CIFAR-sized set (50,000 32x32 images). Batches count as delivered when they
 are on the training device; each epoch's first batch (pipeline start-up) is not timed. Writes benchmarks/results/data-<device>.json naming the machine.
 """
@@ -21,12 +22,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from afd_fast.data import build_loaders  # noqa: E402
+from afd_fast.data import Preparation, build_loaders  # noqa: E402
 from afd_fast.data.cifar import CifarLoader  # noqa: E402
 from afd_fast.data.dali import dali_available  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENETTE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "imagenette-mini")
+# label -> Preparation options; the first is each loader's baseline
+AUGMENTATIONS = {"plain": {}, "randaugment 2:9": dict(auto_augment="randaugment"),
+                 "trivialaugment": dict(auto_augment="trivialaugment"), "autoaugment": dict(auto_augment="autoaugment"),
+                 "random erasing 0.25": dict(random_erasing=0.25)}
+QUICK_AUGMENTATIONS = ("plain", "trivialaugment", "random erasing 0.25")
 
 
 def images_per_second(epochs, device: torch.device, batches: int) -> float:
@@ -47,7 +53,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 64 on the CPU")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DALI threads / DataLoader processes")
     parser.add_argument("--batches", type=int, default=None, help="timed batches per loader")
-    parser.add_argument("--quick", action="store_true", help="64 px, batch 16, 3 batches (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="64 px, batch 16, 3 batches, plain, trivialaugment and erasing only (a smoke run)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/data-<device>.json)")
     args = parser.parse_args(argv)
 
@@ -72,10 +79,15 @@ def main(argv=None) -> dict:
         loaders = {}
     results = []
     for label, options in loaders.items():
-        built = build_loaders(args.data, size, batch, args.workers, seed=0, **options)
-        rate = images_per_second(built.train_epoch, device, batches)
-        results.append({"loader": label, "source": os.path.basename(os.path.normpath(args.data)), "image_size": size,
-                        "batch_size": batch, "img_per_s": rate})
+        plain = None
+        for augmentation in QUICK_AUGMENTATIONS if args.quick else AUGMENTATIONS:
+            prep = Preparation.of(size, **AUGMENTATIONS[augmentation])
+            built = build_loaders(args.data, prep, batch, args.workers, seed=0, **options)
+            rate = images_per_second(built.train_epoch, device, batches)
+            plain = plain or rate  # "plain" comes first
+            results.append({"loader": label, "augmentation": augmentation,
+                            "source": os.path.basename(os.path.normpath(args.data)), "image_size": size,
+                            "batch_size": batch, "img_per_s": rate, "vs_plain": rate / plain})
 
     # CIFAR-sized: the whole set as uint8 on the device, augmentation there too
     g = torch.Generator().manual_seed(0)
@@ -84,17 +96,20 @@ def main(argv=None) -> dict:
     labels = torch.randint(0, 100, (n,), generator=g)
     cifar = CifarLoader(images, labels, 128, True, device)
     rate = images_per_second(cifar.for_epoch, device, batches * 4)
-    results.append({"loader": f"CIFAR loader on the {device.type}", "source": f"synthetic {n} x 32x32",
-                    "image_size": 32, "batch_size": 128, "img_per_s": rate})
+    results.append({"loader": f"CIFAR loader on the {device.type}", "augmentation": "plain (its crop and flip)",
+                    "source": f"synthetic {n} x 32x32", "image_size": 32, "batch_size": 128, "img_per_s": rate,
+                    "vs_plain": 1.0})
 
     baseline = results[0]["img_per_s"]
     rows = []
     for r in results:
-        comparable = r["image_size"] == size and r is not results[-1]
+        comparable = r["augmentation"] == "plain" and r["image_size"] == size and r is not results[-1]
         r["vs_torchvision"] = r["img_per_s"] / baseline if comparable else None
-        rows.append([r["loader"], r["source"], f"{r['image_size']} px", str(r["batch_size"]), f"{r['img_per_s']:.0f}",
+        rows.append([r["loader"], r["augmentation"], r["source"], f"{r['image_size']} px", str(r["batch_size"]),
+                     f"{r['img_per_s']:.0f}", f"{r['vs_plain']:.2f}x",
                      f"{r['vs_torchvision']:.2f}x" if comparable else "n/a"])
-    common.print_table(["loader", "data", "size", "batch", "img/s", "vs torchvision"], rows)
+    common.print_table(["loader", "augmentation", "data", "size", "batch", "img/s", "vs plain", "vs torchvision"],
+                       rows)
     out = args.output or os.path.join(HERE, "results", f"data-{device.type}.json")
     payload = {"benchmark": "data", "device": device.type, "machine": info, "workers": args.workers,
                "timed_batches": batches, "results": results}
