@@ -199,3 +199,4 @@ def test_dml_benchmark_produces_its_table(tmp_path):
     sync, alternate, kd = (rows[k]["runs"][0]["train_ce"] for k in ("dml sync T=1 (default)", "dml alternate T=1",
                                                                    "kd-only T=1"))
     assert sync == kd and alternate != sync
+    assert "| dml alternate T=1 | 0 | 2 |" in proc.stdout  # the Markdown table of benchmarks/README.md
