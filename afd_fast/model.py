@@ -33,12 +33,16 @@ from afd_fast.models.one import Gate, gated_ensemble, share_low_layers
 
 class Discriminator(nn.Module):
     """Conv-BN-LeakyReLU-Conv: one score (before the sigmoid) per sample for a C x H x W map.
-    The first conv halves channels and space, the last one covers the remaining spatial map."""
+    The first conv halves channels and space, the last one covers the remaining spatial map. Along a
+    side of 1 pixel the first conv has stride 1: the same result (one output, the kernel's centre
+    tap), and it keeps clear of torch's bf16 CPU convolution bug on 1x1 maps with stride 2
+    (tests/test_upstream_bugs.py), which the small maps of small images would hit."""
 
     def __init__(self, channels: int, height: int, width: int):
         super().__init__()
         hidden = max(channels // 2, 1)
-        self.conv1 = nn.Conv2d(channels, hidden, 3, stride=2, padding=1, bias=False)
+        stride = (1 if height == 1 else 2, 1 if width == 1 else 2)
+        self.conv1 = nn.Conv2d(channels, hidden, 3, stride=stride, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, 1, ((height + 1) // 2, (width + 1) // 2))
 

@@ -30,7 +30,8 @@ from afd_fast import train
 from afd_fast.data import synthetic_image_folder
 from afd_fast.errors import ConfigError
 from afd_fast.models import build_network
-from afd_fast.models.base import strided_convs_on_one_pixel
+from afd_fast.model import AFDModel, Discriminator
+from afd_fast.models.base import strided_convs_on_one_pixel, strided_convs_on_one_pixel_during
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ (its quick configurations run bf16 on the CPU in test_benchmarks.py)
@@ -78,39 +79,52 @@ def test_torch_bf16_strided_conv_on_one_pixel():
 
 # --- the suite's bf16 CPU cases ----------------------------------------------------------------------
 
-def _bf16_cases() -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
-    """(where, architectures, each network's image size) of every table-driven case that runs
-    bfloat16 on the CPU: the capture-safety cases and the benchmarks' CPU configurations."""
+def _bf16_cases() -> list[tuple[str, str, tuple[str, ...], int, tuple[int, ...] | None]]:
+    """(where, method, architectures, image size, each network's size or None) of every table-driven
+    case that runs bfloat16 on the CPU: the capture-safety cases and the benchmarks' CPU configurations
+    (they train AFD)."""
     import test_capture_safety as capture
     from benchmarks import model as model_benchmark, step as step_benchmark
 
-    cases = [(f"test_capture_safety[{c}]", c.archs, c.sizes or (c.size,) * len(c.archs))
-             for c in capture.CASES if c.amp == "bf16"]
+    cases = [(f"test_capture_safety[{c}]", c.method, c.archs, c.size, c.sizes) for c in capture.CASES if c.amp == "bf16"]
     for name, configs in [("benchmarks/step.py", step_benchmark.CONFIGS), ("benchmarks/model.py", model_benchmark.CONFIGS)]:
         for key, group in configs.items():
             if key == "cuda":
                 continue
             for c in group:
                 archs_by_k = c.archs if isinstance(c.archs, dict) else {len(c.archs): c.archs}
-                cases += [(f"{name} {key}:{c.name}", tuple(a), (c.image_size,) * len(a)) for a in archs_by_k.values()]
+                cases += [(f"{name} {key}:{c.name}", "afd", tuple(a), c.image_size, None) for a in archs_by_k.values()]
     return cases
 
 
 def test_no_bf16_cpu_case_puts_a_one_pixel_map_into_a_strided_convolution():
+    """Each case's AFDModel (networks, transfer layers, discriminators) runs its training forward in
+    float32 on zero images of the case's size, with every convolution watched."""
     import test_capture_safety as capture
 
     cases = _bf16_cases()
-    built = {}
-    assert any(where.startswith("test_capture_safety") for where, _, _ in cases)
-    assert any(where.startswith("benchmarks/step.py quick") for where, _, _ in cases)
+    assert any(where.startswith("test_capture_safety") for where, *_ in cases)
+    assert any(where.startswith("benchmarks/step.py quick") for where, *_ in cases)
     found = []
-    for where, archs, sizes in cases:
-        for arch, size in zip(archs, sizes):
-            if arch not in built:  # the shapes do not depend on the weights: one build per architecture
-                built[arch] = capture.NETWORKS[arch]() if arch in capture.NETWORKS else build_network(arch, 10)
-            network = built[arch]
-            found += [f"{where}: {arch} at {size} px: {layer}" for layer in strided_convs_on_one_pixel(network, size)]
+    for where, method, archs, size, sizes in dict.fromkeys(cases):
+        networks = [capture.NETWORKS[a]() if a in capture.NETWORKS else build_network(a, 10) for a in archs]
+        topology = "pair" if len(archs) == 2 else "cyclic"
+        model = AFDModel(networks, method, topology, sizes or size)
+        images, target = torch.zeros(2, 3, size, size), torch.zeros(2, dtype=torch.long)
+        found += [f"{where}: {layer}" for layer in strided_convs_on_one_pixel_during(model, lambda: model(images, target))]
     assert not found, "\n".join(found)
+
+
+def test_the_discriminator_keeps_clear_of_the_bug_with_the_same_result():
+    """A discriminator of 1-pixel sides takes stride 1 there: the stride-2 conv's result, exactly."""
+    torch.manual_seed(0)
+    for height, width in [(1, 1), (1, 4), (3, 1), (2, 2)]:
+        d = Discriminator(8, height, width).double()
+        x = torch.randn(3, 8, height, width, dtype=torch.float64)
+        assert d.conv1.stride == (1 if height == 1 else 2, 1 if width == 1 else 2)
+        as_written = F.conv2d(x, d.conv1.weight, stride=2, padding=1)
+        assert torch.equal(d.conv1(x), as_written)
+        assert strided_convs_on_one_pixel_during(d, lambda: d(x)) == []
 
 
 def test_the_walk_finds_the_hazard():

@@ -93,16 +93,22 @@ def strided_convs_on_one_pixel(network: nn.Module, image_size: int) -> list[str]
     """The convolution modules of ``network`` (by name, with their input's shape) that are strided and
     see a 1x1 map when the network gets square images of ``image_size`` (one forward on fake tensors,
     as :func:`probe_shape`). Convolutions called as functions, not modules, are not seen."""
-    names = {m: n for n, m in network.named_modules()}
+    return strided_convs_on_one_pixel_during(network, lambda: probe_shape(lambda x: network(x)[1], network, image_size))
+
+
+def strided_convs_on_one_pixel_during(module: nn.Module, run) -> list[str]:
+    """The convolution modules of ``module`` (by name, with their input's shape) that run strided on a
+    1x1 map while ``run()`` runs."""
+    names = {m: n for n, m in module.named_modules()}
     found: list[str] = []
 
-    def look(module, args):
-        if is_strided_conv_on_one_pixel(module, args[0] if args else None):
-            stride = "x".join(map(str, module.stride))
-            found.append(f"{names[module]} (stride {stride}, input {'x'.join(map(str, args[0].shape[1:]))})")
+    def look(conv, args):
+        if is_strided_conv_on_one_pixel(conv, args[0] if args else None):
+            stride = "x".join(map(str, conv.stride))
+            found.append(f"{names[conv]} (stride {stride}, input {'x'.join(map(str, args[0].shape[1:]))})")
     handles = [m.register_forward_pre_hook(look) for m in names if isinstance(m, nn.modules.conv._ConvNd)]
     try:
-        probe_shape(lambda x: network(x)[1], network, image_size)
+        run()
     finally:
         for h in handles:
             h.remove()
