@@ -49,7 +49,9 @@ def test_two_processes_equal_one_process_averaging_shard_gradients(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("speed", [[], ["--amp", "fp16", "--channels-last"]], ids=["float32", "fp16-channels-last"])
+@pytest.mark.parametrize("speed", [[], ["--amp", "fp16", "--channels-last"],
+                                   ["--model-ema", "0.9", "--bn-recalibrate", "1", "--norm-weight-decay", "0"]],
+                         ids=["float32", "fp16-channels-last", "ema-recalibrated"])
 def test_cli_under_torchrun(tmp_path, speed):
     data = synthetic_image_folder(str(tmp_path / "data"), num_classes=3, train_per_class=16, val_per_class=5)
     out = tmp_path / "out"
@@ -60,3 +62,7 @@ def test_cli_under_torchrun(tmp_path, speed):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and (summary["global_batch"], summary["batch_per_process"]) == (8, 4)
     assert summary["val_images"] == 15  # every validation image exactly once across the two processes
+    if "--model-ema" in speed:  # the EMA evaluated and exported; each process's EMA statistics checkpointed
+        assert summary["ema_net_mean_top1"] >= 0 and (out / "network1_resnet20_ema.pt").is_file()
+        ranks = torch.load(out / "last.pt", weights_only=True)["ranks"]
+        assert len(ranks) == 2 and all("ema_buffers" in r for r in ranks)
