@@ -12,11 +12,13 @@ The warm-up of the decay is TensorFlow's ``ExponentialMovingAverage(num_updates=
 ``ModelEmaV3`` offers a similar one): the first updates follow the weights closely, so the average
 is not dominated by the random initialisation for the first ~1/(1 - DECAY) steps. Batch-norm running
 means and variances are averaged by the same rule (as timm's ``ModelEmaV2`` and torchvision's
-reference ``ExponentialMovingAverage(use_buffers=True)``); ``num_batches_tracked`` is copied. With
+reference ``ExponentialMovingAverage(use_buffers=True)``); ``num_batches_tracked`` is copied each
+step (bookkeeping only: an EMA network never trains, and recalibration resets it). With
 ``--bn-recalibrate`` the EMA's statistics are recomputed before it is evaluated or exported.
 
 Everything happens on the device, from tensors that live as long as the run (the copy, two step
-counters, the decay): the update issues no host sync and allocates no persistent state, so the
+counters; the decay is a Python number, the same at every step): the update issues no host sync
+and allocates no persistent state, so the
 training step's CUDA graph replays it; the "every N" choice is a weight of 0 on the other steps
 (the cost of the update, one pass over the weights, is paid every step: small beside the step).
 """
@@ -36,9 +38,8 @@ class WeightEMA:
             raise ValueError(f"the EMA is updated every N >= 1 steps, got {every}")
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.model.eval()
-        self.every = every
+        self.decay, self.every = decay, every
         device = next(model.parameters()).device
-        self.decay = torch.tensor(decay, dtype=torch.float64, device=device)
         self.steps = torch.zeros((), dtype=torch.int64, device=device)  # training steps seen
         self.updates = torch.zeros((), dtype=torch.int64, device=device)  # EMA updates done (the warm-up's t)
         source, target = _averaged(model), _averaged(self.model)
@@ -52,23 +53,22 @@ class WeightEMA:
     def update(self) -> None:
         """One training step done: the EMA moves towards the weights on every ``every``-th step."""
         due = torch.remainder(self.steps, self.every) == 0
-        t = self.updates.double()
-        d = torch.where(due, torch.minimum(self.decay, (1 + t) / (10 + t)), torch.ones_like(t))
+        t = self.updates.double()  # the rule in float64, then in the averages' dtype
+        d = torch.where(due, ((1 + t) / (10 + t)).clamp(max=self.decay), 1.0)
         weights, averages = self._floats
         if weights:
-            # float64 d: the rule's own precision; each tensor's product is in its own dtype
-            torch._foreach_mul_(averages, d.to(averages[0].dtype))
-            torch._foreach_add_(averages, torch._foreach_mul(weights, (1 - d).to(averages[0].dtype)))
+            d = d.to(averages[0].dtype)
+            torch._foreach_mul_(averages, d)
+            torch._foreach_add_(averages, torch._foreach_mul(weights, 1 - d))
         counts, copies = self._counts
-        for src, dst in zip(counts, copies):  # (batch norms' num_batches_tracked: a few, no foreach needed)
-            dst.copy_(torch.where(due, src, dst))
+        if counts:
+            torch._foreach_copy_(copies, counts)
         self.updates += due.to(self.updates.dtype)
         self.steps += 1
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the EMA copy's state_dict (the keys of the model's) and the counters."""
-        return {"model": self.model.state_dict(), "steps": self.steps.clone(), "updates": self.updates.clone(),
-                "decay": float(self.decay), "every": self.every}
+        return {"model": self.model.state_dict(), "steps": self.steps.clone(), "updates": self.updates.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         """In place (a CUDA graph may hold these tensors); the decay and cadence stay as built."""
@@ -79,7 +79,7 @@ class WeightEMA:
     def persistent_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the update reads or writes that outlives a step (capture-safety checks)."""
         out = {f"ema:{n}": t for n, t in self.model.state_dict(keep_vars=True).items()}
-        return {**out, "ema:decay": self.decay, "ema:steps": self.steps, "ema:updates": self.updates}
+        return {**out, "ema:steps": self.steps, "ema:updates": self.updates}
 
 
 def _averaged(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -41,11 +41,13 @@ def test_the_ema_follows_the_hand_written_rule_through_its_warm_up(every):
     for step in range(16 * every):
         _fake_step(model, g)
         ema.update()
-        if step % every == 0:
-            d = min(decay, (1 + t) / (10 + t))
-            for n, w in _followed(model).items():
-                expected[n] = d * expected[n] + (1 - d) * w if w.is_floating_point() else w.clone()
-            t += 1
+        for n, w in _followed(model).items():
+            if not w.is_floating_point():
+                expected[n] = w.clone()  # batch counts: copied at every step
+            elif step % every == 0:
+                d = min(decay, (1 + t) / (10 + t))
+                expected[n] = d * expected[n] + (1 - d) * w
+        t += step % every == 0
         got = ema.model.state_dict()
         for n, value in expected.items():
             assert torch.equal(got[n], value), (step, n)
