@@ -205,8 +205,9 @@ def build_models(weights: Weights, num_classes: int, image_sizes, data: str) -> 
     if weights.checkpoint is not None:
         s, path = weights.settings, weights.path
         networks = [build_network(a, num_classes) for a in s["arch"]]
-        model = AFDModel(networks, s["method"], s["topology"], s.get("network_image_sizes") or s["image_size"],
-                         s.get("temperature"))
+        # built as the run built it: at its training sizes (a discriminator's shape follows the maps')
+        trained_at = s.get("network_image_sizes") or s.get("train_crop_size") or s["image_size"]
+        model = AFDModel(networks, s["method"], s["topology"], trained_at, s.get("temperature"))
         described = [{"arch": a, "file": path} for a in s["arch"]]
         out = []
         for prefix, state in (("", weights.checkpoint["model"]), ("ema_", (weights.checkpoint.get("ema") or {}).get("model"))):

@@ -83,6 +83,20 @@ def test_recalibration_changes_the_scores_not_the_files(run, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["results"] == first["results"]
 
 
+def test_a_checkpoint_trained_at_another_crop_than_it_is_evaluated_at(run, tmp_path):
+    """--train-crop-size 24, validation at 32 px: the AFD discriminators are shaped by the 24 px maps,
+    and the checkpoint is rebuilt as it was trained (its validation scores reproduced)."""
+    data, _, _ = run
+    out = str(tmp_path / "out")
+    train.main(["--data", data, "--output", out, "--batch-size", "8", "--epochs", "1", "--max-steps", "2",
+                "--train-crop-size", "24", "--print-every", "1000", *DATA_FLAGS])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        record = [json.loads(line) for line in f][-1]
+    got = evaluate.main([os.path.join(out, "last.pt"), *DATA_FLAGS])
+    _same(got["results"], record)
+    assert got["image_size"] == 32
+
+
 def test_bad_input_is_refused_naming_the_file(run, tmp_path):
     data, out, _ = run
     net0 = os.path.join(out, "network0_resnet20.pt")
