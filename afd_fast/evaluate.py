@@ -46,13 +46,13 @@ import torch.distributed as dist
 from afd_fast import checkpoint, metrics
 from afd_fast.calibration import recalibrated
 from afd_fast.config import AMP_MODES, BACKENDS, DEFAULTS
-from afd_fast.data import Preparation, build_loaders, synthetic_image_folder
+from afd_fast.data import Preparation, build_loaders
 from afd_fast.errors import AfdFastError, CheckpointError, ConfigError, exit_with
 from afd_fast.model import AFDModel
 from afd_fast.models import build_network, network_problem
 from afd_fast.models.cifar import CIFAR_NETWORKS
 from afd_fast.step import AMP_DTYPES
-from afd_fast.train import setup_distributed
+from afd_fast.train import setup_distributed, synthetic_data
 
 EXPORT_NAME = re.compile(r"^network(\d+)_(.+?)(_ema)?\.pt$")  # run_dir.write_outputs' names
 DEFAULT_BATCH = 256
@@ -315,12 +315,7 @@ def evaluate(args, weights: Weights, settings: dict, rank: int, world: int, devi
     batch = settings["batch_size"]
     if batch % world:
         raise ConfigError(f"--batch-size {batch} is the global batch: it must split evenly over the {world} processes")
-    data = settings["data"]
-    if data is None:  # the run trained on the embedded synthetic set
-        data = synthetic_image_folder(size=settings["image_size"]) if rank == 0 else None
-        if dist.is_initialized():
-            dist.barrier()
-        data = synthetic_image_folder(size=settings["image_size"])
+    data = settings["data"] or synthetic_data(settings["image_size"], rank)  # (None: the embedded synthetic set)
     loaders = build_loaders(data, settings["preparation"], batch // world, args.workers, settings["seed"], rank, world,
                             backend=args.loader, device=device,
                             dtype=torch.float16 if amp == "fp16" else torch.float32, val_split=args.split)

@@ -71,6 +71,14 @@ def _buffers(model) -> dict:
     return {n: b for n, b in model.named_buffers() if n in state}  # not the non-persistent ones
 
 
+@torch.no_grad()
+def _load_buffers(model, saved: dict) -> None:
+    """This process's own buffers (:func:`_buffers`) back, in place."""
+    buffers = dict(model.named_buffers())
+    for name, value in saved.items():
+        buffers[name].copy_(value)
+
+
 def find_checkpoint(config, rank: int, world: int) -> tuple[str, dict, list[tuple[str, str]]] | None:
     """What --resume takes (:func:`afd_fast.checkpoint.resolve_resume`): rank 0 picks the file (or
     fails), every process reads that one. None: start fresh."""
@@ -133,11 +141,9 @@ def restore(ckpt: dict, run: Progress, model, dual_step, rates, loaders, config,
     own = ranks[rank] if rank < len(ranks) else ranks[0]
     checkpoint.set_rng_state(own["rng"])
     if ckpt["world_size"] == world and ckpt["batch_size"] == config.batch_per_process:
-        with torch.no_grad():
-            for held, saved in [(model, own.get("buffers", {}))] + ([(ema.model, own["ema_buffers"])] if ema else []):
-                buffers = dict(held.named_buffers())
-                for name, value in saved.items():
-                    buffers[name].copy_(value)
+        _load_buffers(model, own.get("buffers", {}))
+        if ema is not None:
+            _load_buffers(ema.model, own["ema_buffers"])
         run.loss_sums = {k: v.to(device) for k, v in own.get("loss_sums", {}).items()}
         run.summed = own.get("summed", run.batch)
         loader_state = own.get("loader")

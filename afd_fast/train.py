@@ -369,17 +369,20 @@ class Meter:
 # --- building --------------------------------------------------------------------------------------
 
 def build_data(config, rank: int, world: int, device: torch.device):
-    data_root = config.data
-    if data_root is None:
-        if rank == 0:
-            data_root = synthetic_image_folder(size=config.image_size)
-        if dist.is_initialized():
-            dist.barrier()
-        data_root = synthetic_image_folder(size=config.image_size)
+    data_root = config.data or synthetic_data(config.image_size, rank)
     return build_loaders(data_root, config.preparation, config.batch_per_process, config.workers, config.seed, rank,
                          world, backend=config.loader, device=device, skip_bad=config.skip_bad_files,
                          hw_decoder_load=config.hw_decoder_load, prefetch=config.prefetch,
                          dtype=torch.float16 if config.amp == "fp16" else torch.float32, verify=config.verify_images)
+
+
+def synthetic_data(image_size: int, rank: int) -> str:
+    """The embedded synthetic set (no --data): rank 0 generates it once, the others wait and find it."""
+    if rank == 0:
+        synthetic_image_folder(size=image_size)
+    if dist.is_initialized():
+        dist.barrier()
+    return synthetic_image_folder(size=image_size)
 
 
 def build_training(config, num_classes: int, world: int, device: torch.device, steps_per_epoch: int):
@@ -388,12 +391,10 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
     pretrained = config.pretrained or [None] * len(config.archs)  # library weights, a file, or "" (fresh)
     prep = config.preparation  # the networks take the training crop (evaluation: the validation crop)
     networks = [build_network(a, num_classes, p) for a, p in zip(config.archs, pretrained)]
-    if device.type == "cpu" and config.amp == "bf16":  # a torch bug on some CPUs (see the function)
-        smallest = min(prep.train_crop, prep.val_crop)  # where a 1x1 map comes first
-        flag = ("--network-image-sizes" if config.network_image_sizes else
-                "--val-crop-size" if config.val_crop_size and prep.val_crop < prep.train_crop else
-                "--train-crop-size" if config.train_crop_size else "--image-size")
-        refuse_one_pixel_strided_convs(networks, config.network_image_sizes or [smallest] * len(networks), flag)
+    if device.type == "cpu" and config.amp == "bf16":  # a torch bug on some CPUs, in weight gradients only
+        refuse_one_pixel_strided_convs(networks, config.network_image_sizes or [prep.train_crop] * len(networks),
+                                       "--network-image-sizes" if config.network_image_sizes else
+                                       "--train-crop-size" if config.train_crop_size else "--image-size")
     model = AFDModel(networks, config.method, config.topology, config.network_image_sizes or prep.train_crop,
                      config.temperature,
                      label_smoothing=config.label_smoothing).to(device)

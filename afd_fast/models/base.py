@@ -120,7 +120,9 @@ def refuse_one_pixel_strided_convs(networks: list[nn.Module], sizes: list[int], 
     see a 1x1 map at its image size, naming the layer and a size that avoids it (the first of 2, 3, 4,
     6, ... times this one). torch's oneDNN bfloat16 convolution returns garbage weight gradients there
     on x86 CPUs with native bf16 (Intel AMX, AMD avx512_bf16): the run would train on noise. CUDA,
-    float16 and float32 are not affected."""
+    float16 and float32 are not affected, nor are the forward and the input gradient (measured on the
+    AMD EPYC where the weight gradient is garbage): so ``sizes`` are the training sizes, and an
+    evaluation at a smaller crop is not refused."""
     for network, size in zip(networks, sizes):
         layers = strided_convs_on_one_pixel(network, size)
         if not layers:
