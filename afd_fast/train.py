@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
             trainer.fit()
         finally:
             trainer.close()
-        with trainer.statistics_for_export():  # (--bn-recalibrate: every process takes part)
+        with trainer.recalibrated():  # the exports' statistics (--bn-recalibrate: every process takes part)
             summary = run_dir.write_outputs(config, trainer.evaluated_models(), trainer.run.history,
                                             trainer.loaders) if rank == 0 else {}
     if dist.is_initialized():
@@ -231,30 +231,24 @@ class Trainer:
         return {"": self.model, **({"ema_": ema.model} if ema is not None else {})}
 
     def evaluate(self) -> dict:
-        """Validation metrics of the networks and of their EMA (keys ema_*), each with batch-norm
-        statistics recomputed first under --bn-recalibrate (the training ones are put back after)."""
+        """Validation metrics of the networks and of their EMA (keys ema_*), with batch-norm statistics
+        recomputed first under --bn-recalibrate (the training ones are put back after)."""
         out = {}
-        for prefix, model in self.evaluated_models().items():
-            with self.recalibrated(model):
+        with self.recalibrated():
+            for prefix, model in self.evaluated_models().items():
                 val = metrics.evaluate(model, self.loaders.val, self.device, self.dual_step.amp_dtype)
-            out.update({f"{prefix}{k}": v for k, v in val.items() if not (prefix and k == "val_images")})
+                out.update({f"{prefix}{k}": v for k, v in val.items() if not (prefix and k == "val_images")})
         return out
 
-    def recalibrated(self, model: torch.nn.Module):
-        """--bn-recalibrate N: the model's batch-norm statistics recomputed over N batches of training
-        images without augmentation, for the time of the with-block; else nothing changes."""
+    def recalibrated(self):
+        """--bn-recalibrate N: the batch-norm statistics of every evaluated model (networks and EMA, in
+        one pass over N batches of training images without augmentation) recomputed for the time of the
+        with-block; else nothing changes."""
         if not self.config.bn_recalibrate:
             return contextlib.nullcontext()
-        return recalibrated(model, self.loaders.calibration_batches(self.config.bn_recalibrate), self.device,
+        return recalibrated(list(self.evaluated_models().values()),
+                            self.loaders.calibration_batches(self.config.bn_recalibrate), self.device,
                             self.dual_step.amp_dtype, self.memory_format)
-
-    @contextlib.contextmanager
-    def statistics_for_export(self):
-        """Every evaluated model recalibrated (--bn-recalibrate) while the exports are written."""
-        with contextlib.ExitStack() as stack:
-            for model in self.evaluated_models().values():
-                stack.enter_context(self.recalibrated(model))
-            yield
 
     # --- stops and checkpoints ---------------------------------------------------------------------
     def act(self, decision: preemption.Decision) -> None:
