@@ -39,7 +39,7 @@ RECIPE_KEYS = RECIPE_REQUIRED + ("lr_scaling", "momentum", "nesterov", "lr_sched
                                  "warmup_epochs", "label_smoothing", "adv_milestones", "adv_lr_decay",
                                  "adv_weight_decay", "norm_weight_decay", "bias_weight_decay", "model_ema",
                                  "model_ema_every", "train_crop_size", "val_resize_size", "val_crop_size",
-                                 "auto_augment", "random_erasing")
+                                 "auto_augment", "random_erasing", "mixup", "cutmix", "mix_prob", "mix_switch_prob")
 DEFAULTS = dict(
     arch="resnet20,resnet20", method="afd", output="runs/afd", seed=0, print_every=20, sync_bn=False,
     lr_scaling="none", momentum=0.9, nesterov=False, lr_schedule="step", milestones=(), lr_decay=0.1,
@@ -47,7 +47,7 @@ DEFAULTS = dict(
     workers=2, loader="auto", skip_bad_files=False, verify_images=False, batched_backward=False,
     hw_decoder_load=0.65, prefetch=2, norm_weight_decay=None, bias_weight_decay=None, model_ema=None,
     model_ema_every=1, bn_recalibrate=0, train_crop_size=None, val_resize_size=None, val_crop_size=None,
-    auto_augment=None, random_erasing=0.0, save_samples=0)
+    auto_augment=None, random_erasing=0.0, save_samples=0, mixup=0.0, cutmix=0.0, mix_prob=1.0, mix_switch_prob=0.5)
 # settings that define what the run trains: --resume refuses a checkpoint that differs in one
 # (the decay by parameter kind shapes the optimizers' groups, the EMA what a checkpoint holds)
 RUN_DEFINING = ("arch", "method", "topology", "data", "batch_size", "image_size", "train_crop_size",
@@ -96,6 +96,11 @@ class Config:
     val_crop_size: int | None
     auto_augment: str | None  # randaugment[:N:M], trivialaugment, autoaugment
     random_erasing: float
+    # mixup/CutMix on the training device (afd_fast.mixing): Beta's alphas (0: off) and probabilities
+    mixup: float
+    cutmix: float
+    mix_prob: float
+    mix_switch_prob: float
     # the run
     output: str
     seed: int
@@ -138,6 +143,13 @@ class Config:
 
         return Preparation.of(self.image_size, self.train_crop_size, self.val_resize_size, self.val_crop_size,
                               self.auto_augment, self.random_erasing)
+
+    @property
+    def mixing(self):
+        """The run's :class:`afd_fast.mixing.Mixing`, or None when mixup and CutMix are off."""
+        from afd_fast.mixing import Mixing
+
+        return Mixing.of(self.mixup, self.cutmix, self.mix_prob, self.mix_switch_prob)
 
     @property
     def batch_per_process(self) -> int:
@@ -287,8 +299,9 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
 
     aug = p.add_argument_group(
         "augmentation and resolutions",
-        "Default: the recipe's. Image folders only (DALI and torchvision loaders, the same meaning on both); the\n"
-        "CIFAR loader keeps 32 px and refuses --auto-augment and --random-erasing.")
+        "Default: the recipe's. The sizes, --auto-augment and --random-erasing: image folders only (DALI and\n"
+        "torchvision loaders, the same meaning on both); the CIFAR loader keeps 32 px and refuses those two.\n"
+        "Mixup and CutMix run on the training device inside the step: the same on every loader.")
     aug.add_argument("--image-size", type=int,
                      help="shorthand: training crop = validation crop = this, validation resize = it / 0.875 (32 for "
                           "CIFAR recipes, 224 for ImageNet's)")
@@ -305,9 +318,20 @@ def build_parser(prog: str = "python -m afd_fast.train", description: str | None
     aug.add_argument("--random-erasing", type=float, metavar="P",
                      help="erase one random box (2-33%% of the area, aspect 0.3-3.3) of the normalised training image "
                           "with probability P, filled with 0 (the mean colour) (default 0: off)")
+    aug.add_argument("--mixup", type=float, metavar="ALPHA",
+                     help="mixup: a mixed batch is lam*x + (1-lam)*x[perm] with lam ~ Beta(ALPHA, ALPHA), one lam per "
+                          "batch, and soft targets through the fused loss (e.g. 0.2; default 0: off)")
+    aug.add_argument("--cutmix", type=float, metavar="ALPHA",
+                     help="CutMix: a box of sqrt(1-lam) of each side, lam ~ Beta(ALPHA, ALPHA), pasted from x[perm]; "
+                          "lam becomes 1 - the box's share of the image (e.g. 1.0; default 0: off)")
+    aug.add_argument("--mix-prob", type=float, metavar="P",
+                     help="the probability that a batch is mixed at all (default 1)")
+    aug.add_argument("--mix-switch-prob", type=float, metavar="P",
+                     help="with --mixup and --cutmix: the probability of CutMix instead of mixup (default 0.5)")
     aug.add_argument("--save-samples", type=int, metavar="N",
-                     help="write the first N training images of epoch 0 (rank 0's, augmented, un-normalised) as a "
-                          "grid to <output>/samples.png at start-up (default 0: none)")
+                     help="write the first N training images of epoch 0 (rank 0's, augmented, mixed with the run's "
+                          "mixup/CutMix, un-normalised) as a grid to <output>/samples.png at start-up (default 0: "
+                          "none)")
 
     data = p.add_argument_group("data loading")
     data.add_argument("--workers", type=int,
@@ -611,6 +635,12 @@ def resolve(flags: dict | argparse.Namespace, config_file: str | None = None, wo
 
     Preparation.of(sched["image_size"], sched["train_crop_size"], sched["val_resize_size"], sched["val_crop_size"],
                    sched["auto_augment"], sched["random_erasing"])  # refuses a bad policy, probability or size
+    for key in ("mixup", "cutmix"):
+        if not sched[key] >= 0:
+            raise ConfigError(f"{origin(key)} is Beta's alpha (0: off), it must not be negative, got {sched[key]:g}")
+    for key in ("mix_prob", "mix_switch_prob"):
+        if not 0 <= sched[key] <= 1:
+            raise ConfigError(f"{origin(key)} is a probability, in [0, 1], got {sched[key]:g}")
     network_image_sizes = _network_image_sizes(given.get("network_image_sizes"), archs, origin("network_image_sizes"))
 
     # the run

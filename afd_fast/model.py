@@ -27,6 +27,7 @@ from torch import nn
 from afd_fast import ops, reference
 from afd_fast.errors import ConfigError
 from afd_fast.methods import method_spec, peer_of
+from afd_fast.mixing import SoftTarget, cross_entropy, loss_targets
 from afd_fast.models import SplitNetwork
 from afd_fast.models.base import probe_shape
 from afd_fast.models.one import Gate, gated_ensemble, share_low_layers
@@ -158,10 +159,13 @@ class AFDModel(nn.Module):
         return list(self.discriminators.parameters())
 
     # --- the losses of one forward ---------------------------------------------------------------
-    def forward(self, images: torch.Tensor, target: torch.Tensor, cut_at_features: bool = False
+    def forward(self, images: torch.Tensor, target: torch.Tensor | SoftTarget, cut_at_features: bool = False
                 ) -> dict[str, torch.Tensor]:
         """One forward of every network; returns the summed losses of the three gradient sets
         (``logit``, ``generator``, ``discriminator``) and per-network parts for logging.
+
+        ``target``: ``[B]`` classes, or the soft targets of a mixed batch (:class:`afd_fast.mixing.SoftTarget`):
+        every cross-entropy of the method (the fused op's, ONE's gated ensemble's) takes them.
 
         ``cut_at_features``: the heads, transfer layers and discriminators read detached copies of
         the feature maps (returned as ``cut``, the attached maps as ``features``), so that the
@@ -180,11 +184,12 @@ class AFDModel(nn.Module):
         elif spec.weights == "gated":  # the teacher row: ONE's gated ensemble (the op detaches it)
             ensemble = gated_ensemble(self.gate(shared), z)
             z = torch.cat([z, ensemble.to(z.dtype)[None]])
-            ensemble_ce = F.cross_entropy(ensemble, target)  # trains the gate (and the branches)
+            ensemble_ce = cross_entropy(ensemble, target)  # trains the gate (and the branches)
             out["ensemble_ce"] = ensemble_ce.detach()
+        hard, soft = loss_targets(target)
         loss, ce, kl = losses.mutual_distillation_loss(
-            z, target, self.peer_weights, self.temperature, kd_weight=1.0 if spec.kd else 0.0,
-            label_smoothing=self.label_smoothing)
+            z, hard, self.peer_weights, self.temperature, kd_weight=1.0 if spec.kd else 0.0,
+            label_smoothing=self.label_smoothing, **soft)
         out.update(ce=ce, kl=kl)
         if cut_at_features:
             out.update(features=features, cut=maps)

@@ -86,14 +86,28 @@ def tensorboard_writer(output: str):
 
 def save_samples(config: Config, loaders) -> str:
     """--save-samples N: the first N training images of epoch 0 (rank 0's, augmented, un-normalised)
-    as one grid, <output>/samples.png."""
+    as one grid, <output>/samples.png. With mixup/CutMix the batches are mixed as the step mixes them,
+    drawn from a generator of their own (seeded with --seed): the run's draws stay untouched."""
     from torchvision.utils import save_image
 
-    images = loaders.sample_images(config.save_samples)
+    images = loaders.sample_images(config.save_samples, sample_mixing(config))
     path = os.path.join(config.output, SAMPLES)
     save_image(images, path, nrow=math.ceil(math.sqrt(len(images))), padding=2)
-    print(f"afd_fast: {len(images)} training images of epoch 0 in {path}")
+    mixed = f" ({config.mixing.describe()})" if config.mixing else ""
+    print(f"afd_fast: {len(images)} training images of epoch 0{mixed} in {path}")
     return path
+
+
+def sample_mixing(config: Config):
+    """The run's mixing as ``mix(images, target) -> images`` on CPU batches, with its own seeded
+    generator; None without mixing."""
+    mixing = config.mixing
+    if mixing is None:
+        return None
+    import torch
+
+    generator = torch.Generator().manual_seed(config.seed)
+    return lambda images, target: mixing(images, target, generator)[0]
 
 
 def write_outputs(config: Config, models: dict, history: list[dict], loaders) -> dict:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from afd_fast.ema import WeightEMA
+from afd_fast.mixing import Mixing, loss_targets
 from afd_fast.model import AFDModel
 
 @contextlib.contextmanager
@@ -133,6 +134,9 @@ class DualStep:
     the other biases in every optimizer (:func:`decay_groups`; None: as the rest). ``model_ema``: the
     decay of a :class:`afd_fast.ema.WeightEMA` of the networks, updated at the end of every call
     (every ``model_ema_every`` calls), inside what a CUDA graph captures; None: none.
+    ``mixing``: mixup/CutMix (:class:`afd_fast.mixing.Mixing`) of each batch on the device at the
+    start of the call, so inside the captured step; every network sees the same mixed images and the
+    losses take the soft targets (alternating DML: each network's batch mixed on its turn). None: off.
     ``capturable``: Adam ready for CUDA-graph capture (CUDA only). ``batched_backward``: the logit
     and generator sets through the extractors in one batched backward (see :func:`gradient_sets`;
     an experiment that ``benchmarks/step.py`` measures, off by default)."""
@@ -141,12 +145,14 @@ class DualStep:
                  adv_lr: float = 2e-5, adv_weight_decay: float = 0.1, average_gradients=None, amp: str = "off",
                  fused: bool | None = None, capturable: bool = False, batched_backward: bool = False,
                  nesterov: bool = False, dml_update: str = "sync", norm_weight_decay: float | None = None,
-                 bias_weight_decay: float | None = None, model_ema: float | None = None, model_ema_every: int = 1):
+                 bias_weight_decay: float | None = None, model_ema: float | None = None, model_ema_every: int = 1,
+                 mixing: Mixing | None = None):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         if dml_update not in ("sync", "alternate") or (dml_update == "alternate" and model.method != "dml"):
             raise ValueError(f"dml_update {dml_update!r}: 'sync', or 'alternate' for method dml only")
         self.model = model
+        self.mixing = mixing
         self.alternate = dml_update == "alternate"
         self.average_gradients = average_gradients
         self.batched_backward = batched_backward and model.spec.adversarial
@@ -201,7 +207,13 @@ class DualStep:
             self.ema.update()
         return losses
 
+    def _mixed(self, images: torch.Tensor, target: torch.Tensor):
+        """The batch mixed (mixup/CutMix, once for every network: each network's own input size is
+        made from the mixed images) with its soft targets; as it is without mixing."""
+        return (images, target) if self.mixing is None else self.mixing(images, target)
+
     def _synchronous(self, images: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        images, target = self._mixed(images, target)
         with self._autocast():
             losses = self.model(images, target, cut_at_features=self.batched_backward)
         scale = self.loss_scale.scale if self.loss_scale is not None else None
@@ -238,6 +250,8 @@ class DualStep:
         detached). As in that code, the peers normalise with the batch's statistics (training mode)
         without changing their running statistics; network k's forward updates its own."""
         model = self.model
+        images, target = self._mixed(images, target)
+        hard, soft = loss_targets(target)
         with self._autocast():
             logits = []
             for j, network in enumerate(model.networks):
@@ -245,8 +259,8 @@ class DualStep:
                 with torch.set_grad_enabled(not peer), batch_statistics_only(network) if peer else contextlib.nullcontext():
                     logits.append(network(model.network_input(j, images))[1])
             loss, ce, kl = model.losses.mutual_distillation_loss(
-                torch.stack(logits), target, model.peer_weights, model.temperature,
-                label_smoothing=model.label_smoothing)
+                torch.stack(logits), hard, model.peer_weights, model.temperature,
+                label_smoothing=model.label_smoothing, **soft)
         params = list(model.networks[k].parameters())
         scale = self.loss_scale.scale if self.loss_scale is not None else None
         grads = torch.autograd.grad(loss[k] if scale is None else loss[k] * scale, params, allow_unused=True)

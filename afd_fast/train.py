@@ -6,7 +6,7 @@
 Without --data a small synthetic JPEG folder (generated once, cached) is used, so the command runs
 end to end on a fresh machine. Outputs in --output: metrics.jsonl, summary.json, curves.png,
 checkpoints (last.pt, previous.pt, best.pt), each network's plain state_dict (network<k>_<arch>.pt) and
-with --save-samples N a grid of the first N augmented training images (samples.png).
+with --save-samples N a grid of the first N augmented (and mixed) training images (samples.png).
 
 Preemption: on SIGTERM or SIGUSR1 every process finishes its step, they agree on the last one,
 last.pt gets the exact position inside the epoch, the command that resumes is printed and every
@@ -402,7 +402,7 @@ def build_training(config, num_classes: int, world: int, device: torch.device, s
                          capturable=config.cuda_graph, batched_backward=config.batched_backward,
                          dml_update=config.dml_update, norm_weight_decay=config.norm_weight_decay,
                          bias_weight_decay=config.bias_weight_decay, model_ema=config.model_ema,
-                         model_ema_every=config.model_ema_every)
+                         model_ema_every=config.model_ema_every, mixing=config.mixing)
     update = GraphedStep(dual_step) if config.cuda_graph else dual_step
     rates = LearningRates(dual_step.optimizers, config.schedules(), steps_per_epoch)
     return model, dual_step, update, rates
@@ -418,7 +418,8 @@ def print_start(config, world: int, device: torch.device, loaders) -> None:
     print(f"afd_fast: recipe {config.recipe} ({config.recipe_reason}); global batch {config.batch_size} "
           f"({config.batch_per_process} per process x {world}), T {config.temperature:g}"
           f"{f', {config.dml_update} DML updates' if config.method == 'dml' else ''}, "
-          f"images {describe_preparation(config.preparation)}{sizes}")
+          f"images {describe_preparation(config.preparation)}{sizes}"
+          f"{f', {config.mixing.describe()}' if config.mixing else ''}")
     print(f"afd_fast: schedule: {config.describe_schedule()}")
 
 

@@ -71,6 +71,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import afd_fast
 from afd_fast import ops, train
 from afd_fast.methods import METHODS, method_spec
+from afd_fast.mixing import Mixing
 from afd_fast.model import AFDModel
 from afd_fast.step import DualStep, LossScale
 from afd_fast.graph import GraphedStep
@@ -316,6 +317,7 @@ class Case:
     dml_update: str = "sync"  # alternate: one call updates each network on its share of the batch, in turn
     size: int = SIZE  # the batch's image size (--image-size)
     ema: bool = False  # the weight EMA (every 2nd step) and no weight decay on norms and biases (issue 24)
+    mix: bool = False  # mixup and CutMix of each batch on the device, soft targets through the losses (issue 25)
 
     def __str__(self):
         return (f"{self.method}-{self.topology}-{'+'.join(self.archs)}-amp_{self.amp}"
@@ -323,7 +325,7 @@ class Case:
                 f"{f'-{self.size}px' if self.size != SIZE else ''}"
                 f"{'-batched' if self.batched else ''}{'-contiguous' if not self.channels_last else ''}"
                 f"{'-allreduce' if self.all_reduce else ''}{'-alternate' if self.dml_update == 'alternate' else ''}"
-                f"{'-ema' if self.ema else ''}")
+                f"{'-ema' if self.ema else ''}{'-mix' if self.mix else ''}")
 
 
 AMPS = ("off", "bf16", "fp16")
@@ -351,6 +353,15 @@ CASES = (
     + [Case(method=m, amp=a, ema=True) for m in ANY_NETWORKS for a in ("bf16", "fp16")]
     + [Case(method="one", archs=("resnet8", "resnet8"), amp=a, ema=True) for a in ("bf16", "fp16")]
     + [Case(method="dml", dml_update="alternate", amp="bf16", ema=True)]
+    # mixup/CutMix (λ, the choices, the box and the permutation drawn on the device) and soft targets:
+    # AFD, ONE's gated-ensemble CE, alternating DML (each network's batch mixed on its turn), networks
+    # at their own sizes (one mixed batch, resized per network), with the EMA and all-reduce
+    + [Case(amp=a, mix=True) for a in ("bf16", "fp16")]
+    + [Case(method="one", archs=("resnet8", "resnet8"), amp=a, mix=True) for a in ("bf16", "fp16")]
+    + [Case(method="dml", dml_update="alternate", amp=a, mix=True) for a in ("bf16", "fp16")]
+    + [Case(sizes=(SIZE, SIZE // 2), amp="fp16", batched=True, mix=True),
+       Case(method="kd", topology="cyclic", archs=("resnet8", "wrn10-2", "wrn10-1"), amp="bf16", ema=True, mix=True),
+       Case(amp="fp16", all_reduce=True, mix=True)]
 )
 
 
@@ -365,6 +376,7 @@ def build_step(case: Case, seed: int = 0, network=None, cls=DualStep, fused_loss
     step = cls(model, lr=0.05, weight_decay=1e-4, adv_lr=1e-3,
                average_gradients=train.average_across_processes if case.all_reduce else None,
                amp=case.amp, fused=True, capturable=True, batched_backward=case.batched, dml_update=case.dml_update,
+               mixing=Mixing(mixup=0.2, cutmix=1.0, prob=0.8) if case.mix else None,
                **(dict(model_ema=0.9, model_ema_every=2, norm_weight_decay=0.0, bias_weight_decay=0.0) if case.ema else {}))
     # GraphedStep's static input buffers; the trainer's loaders give fp16 batches with amp fp16
     images = torch.empty(BATCH, 3, case.size, case.size, dtype=torch.float16 if case.amp == "fp16" else torch.float32)
@@ -477,6 +489,11 @@ def test_step_is_capturable(case, request):
     if case.ema:  # the EMA's update in the step; the decay groups: weights, and norms and biases at 0
         assert "aten._foreach_mul_.Tensor" in names and int(step.ema.steps) == WARMUP + CHECKED
         assert [g["weight_decay"] for g in step.optimizers["logit"].param_groups] == [1e-4, 0.0]
+    if case.mix:  # λ, the permutation and the box drawn on the device, inside the step
+        assert {"aten._standard_gamma.default", "aten.index_select.default"} <= names, names
+        assert any(name.startswith("aten.rand.") for name in names), names
+        fused = [op for op in checker.traces[0] if op.name == "afd_fast.mutual_distillation_forward.default"]
+        assert all(op.args[-1][0] == "tensor" and op.args[-2][0] == "tensor" for op in fused)  # target_b, lam
     assert "aten._fused_sgd_.tensor_lr" in names  # the learning rate read from its tensor
     if step.model.spec.adversarial:
         assert {"afd_fast.lsgan_forward.default", "aten._fused_adam_.tensor_lr"} <= names

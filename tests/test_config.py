@@ -178,10 +178,60 @@ def test_a_recipe_file_of_ones_own(tmp_path):
 
 
 def test_shipped_recipes_are_package_files():
-    assert set(config.recipe_names()) >= {"cifar-paper", "imagenet-paper", "imagenet-scratch", "quick"}
+    assert set(config.recipe_names()) >= {"cifar-paper", "imagenet-paper", "imagenet-scratch", "imagenet-strong", "quick"}
     for name in config.recipe_names():
         label, settings = config.load_recipe(name)
         assert label == name and os.path.isfile(os.path.join(config.RECIPE_DIR, f"{name}.yaml"))
+
+
+def test_imagenet_strong_is_torchvisions_new_recipe_and_only_chosen_by_name(tmp_path, data):
+    """torchvision's ResNet "new recipe" (2021): its numbers, linear scaling from batch 1024, its EMA
+    (decay 0.99998 every 32 steps, adjusted by torchvision's train.py to 1 - 2e-5 * 1024 * 32 / 600 per
+    update); never picked without --recipe."""
+    c = _config("--recipe", "imagenet-strong", "--arch", "resnet50,resnet50", "--batch-size", "512", world_size=4)
+    assert (c.epochs, c.batch_size, c.recipe_batch, c.lr, c.lr_scaling, c.effective_lr) == (
+        600, 512, 1024, 0.5, "linear", pytest.approx(0.25))
+    assert (c.momentum, c.nesterov, c.weight_decay, c.norm_weight_decay, c.bias_weight_decay) == (0.9, False, 2e-5,
+                                                                                                 0.0, None)
+    assert (c.lr_schedule, c.warmup_epochs, c.milestones, c.label_smoothing) == ("cosine", 5.0, (), 0.1)
+    assert (c.mixup, c.cutmix, c.mix_prob, c.mix_switch_prob, c.auto_augment, c.random_erasing) == (
+        0.2, 1.0, 1.0, 0.5, "trivialaugment", 0.1)
+    prep = c.preparation
+    assert (prep.train_crop, prep.val_resize, prep.val_crop) == (176, 232, 224)
+    assert c.model_ema == pytest.approx(1 - 2e-5 * 1024 * 32 / 600, abs=1e-6) and c.model_ema_every == 32
+    assert (c.adv_lr, c.adv_weight_decay, c.adv_milestones) == (2e-5, 0.1, ())
+    adam = c.schedules()["generator"]
+    assert (adam.kind, adam.warmup_epochs) == ("cosine", 5.0)  # the schedule kind is shared by both optimizers
+    assert c.mixing is not None and "weight EMA 0.998908 every 32 step(s)" in c.describe_schedule()
+    # --epochs shortens the cosine; the rest stays
+    short = _config("--recipe", "imagenet-strong", "--epochs", "30")
+    assert (short.epochs, short.warmup_epochs, short.mixup) == (30, 5.0, 0.2)
+    # never chosen silently: every automatic choice is another recipe
+    weights = str(tmp_path / "r18.pt")
+    torch.save(build_network("resnet18", 4).state_dict(), weights)
+    for extra in ([], ["--data", data], ["--data", data, "--arch", "resnet18,resnet18"],
+                  ["--data", data, "--arch", "resnet18,resnet18", "--pretrained", f"{weights},{weights}"]):
+        assert _config(*extra).recipe != "imagenet-strong"
+
+
+def test_mixing_flags_from_a_config_file_and_a_recipe(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("mixup: 0.8\ncutmix: 1\nmix-prob: 0.5\nmix_switch_prob: 0.25\n")
+    c = _config("--config", str(path), "--cutmix", "0")
+    assert (c.mixup, c.cutmix, c.mix_prob, c.mix_switch_prob) == (0.8, 0.0, 0.5, 0.25)
+    assert c.mixing.describe() == "mixup 0.8, of 0.5 of the batches"
+    assert _config().mixing is None  # off by default
+    assert yaml.safe_load(c.to_yaml())["mix_prob"] == 0.5
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 2\nbatch_size: 8\nlr: 0.1\nweight_decay: 1e-4\nadv_lr: 1e-4\nimage_size: 32\n"
+                      "cutmix: 1.0\n")
+    from_recipe = _config("--recipe", str(recipe))
+    assert (from_recipe.mixup, from_recipe.cutmix) == (0.0, 1.0)
+    assert config.recipe_changes(_config("--recipe", str(recipe), "--mixup", "0.2")) == ["mixup 0.2 (recipe 0.0)"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mixup: lots\n")
+    with pytest.raises(config.ConfigError, match="mixup: expected a number"):
+        _config("--config", str(bad))
 
 
 # --- config files ------------------------------------------------------------------------------------------
@@ -239,7 +289,11 @@ def test_bad_config_files_name_the_key_and_the_file(tmp_path, text, message, cap
     (["--lr", "-0.1"], "--lr must be positive, got -0.1"),
     (["--adv-lr", "0"], "--adv-lr must be positive"),
     (["--recipe", "cifar-papr"], "unknown recipe 'cifar-papr': give one of cifar-paper, imagenet-paper, "
-                                 "imagenet-scratch, quick or a recipe's YAML file"),
+                                 "imagenet-scratch, imagenet-strong, quick or a recipe's YAML file"),
+    (["--mixup", "-0.2"], "--mixup is Beta's alpha (0: off), it must not be negative, got -0.2"),
+    (["--cutmix", "-1"], "--cutmix is Beta's alpha (0: off), it must not be negative"),
+    (["--mix-prob", "1.5"], "--mix-prob is a probability, in [0, 1], got 1.5"),
+    (["--mix-switch-prob", "-0.1"], "--mix-switch-prob is a probability, in [0, 1]"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs a positive --momentum"),
     (["--method", "kd-only", "--dml-update", "alternate"], "--dml-update alternate is DML's (--method dml)"),
     (["--model-ema", "1"], "--model-ema is the EMA's decay per update, in (0, 1)"),

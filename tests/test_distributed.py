@@ -50,8 +50,9 @@ def test_two_processes_equal_one_process_averaging_shard_gradients(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("speed", [[], ["--amp", "fp16", "--channels-last"],
-                                   ["--model-ema", "0.9", "--bn-recalibrate", "1", "--norm-weight-decay", "0"]],
-                         ids=["float32", "fp16-channels-last", "ema-recalibrated"])
+                                   ["--model-ema", "0.9", "--bn-recalibrate", "1", "--norm-weight-decay", "0",
+                                    "--mixup", "0.2", "--cutmix", "1.0", "--save-samples", "4"]],
+                         ids=["float32", "fp16-channels-last", "ema-recalibrated-mixed"])
 def test_cli_under_torchrun(tmp_path, speed):
     data = synthetic_image_folder(str(tmp_path / "data"), num_classes=3, train_per_class=16, val_per_class=5)
     out = tmp_path / "out"
@@ -66,3 +67,5 @@ def test_cli_under_torchrun(tmp_path, speed):
         assert summary["ema_net_mean_top1"] >= 0 and (out / "network1_resnet20_ema.pt").is_file()
         ranks = torch.load(out / "last.pt", weights_only=True)["ranks"]
         assert len(ranks) == 2 and all("ema_buffers" in r for r in ranks)
+    if "--mixup" in speed:  # mixup/CutMix in every process's step; rank 0's sample grid after mixing
+        assert "mixup 0.2 + CutMix 1" in proc.stdout and (out / "samples.png").is_file()

@@ -144,6 +144,9 @@ LOADERS = {  # flags, steps per epoch, epochs, signal
     # before each evaluation and the export
     "torch-ema-recalibrated": (["--loader", "torch", "--workers", "1", "--model-ema", "0.9", "--model-ema-every", "2",
                                 "--bn-recalibrate", "2"], 8, 2, signal.SIGTERM),
+    # issue 25: mixup/CutMix drawn on the device inside the step: the checkpointed RNG state resumes its draws
+    "torch-mixed": (["--loader", "torch", "--workers", "1", "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.8"],
+                    8, 2, signal.SIGTERM),
 }
 
 
@@ -173,6 +176,8 @@ def test_signal_mid_epoch_then_resume_is_bit_identical(tmp_path, tmp_path_factor
     rc, log = _run(argv + ["--resume"], tmp_path / "resumed.log")
     assert rc == 0, log[-4000:]
     assert f"resumed from {out / 'last.pt'} (epoch {epochs}, batch 4, step {at})" in log
+    if "mixed" in variant:
+        assert "mixup 0.2 + CutMix 1, CutMix share 0.5, of 0.8 of the batches" in log
     _assert_same_training(reference, out)
     if "ema" in variant:
         assert "ema" in ckpt and "ema_buffers" in ckpt["ranks"][0]

@@ -193,8 +193,8 @@ class DALILoaders(Loaders):
             return self.current
         return itertools.islice(self.current, start_batch, None)
 
-    def sample_images(self, n: int) -> torch.Tensor:
-        images = super().sample_images(n)
+    def sample_images(self, n: int, mix=None) -> torch.Tensor:
+        images = super().sample_images(n, mix)
         self.current = None  # that pipeline was not the training loop's: nothing of it goes into a checkpoint
         return images
 

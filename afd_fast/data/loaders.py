@@ -37,14 +37,18 @@ class Loaders:
         """What resumes the epoch in progress exactly at the current batch (None: the position suffices)."""
         return None
 
-    def sample_images(self, n: int) -> torch.Tensor:
+    def sample_images(self, n: int, mix=None) -> torch.Tensor:
         """The first ``n`` training images of epoch 0 (this process's, augmented as the training loop
         gets them; fewer if the epoch is shorter), un-normalised: [n, 3, H, W] float in [0, 1] on the
-        CPU, for ``--save-samples``."""
+        CPU, for ``--save-samples``. ``mix(images, target) -> images``: applied to each whole batch
+        (mixup/CutMix pair images of one batch) before un-normalising, which is right for a linear mix."""
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in self.normalisation)
         got, count = [], 0
-        for images, _ in self.train_epoch(0):
-            got.append(images[:n - count].float().cpu())
+        for images, target in self.train_epoch(0):
+            images = images.float().cpu()
+            if mix is not None:
+                images = mix(images, target.cpu())
+            got.append(images[:n - count])
             count += len(got[-1])
             if count >= n:
                 break
