@@ -68,6 +68,8 @@ def mutual_distillation_loss(
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     label_smoothing: float = 0.0,
+    target_b: torch.Tensor | None = None,
+    lam: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-network logit loss of online distillation, fused.
 
@@ -76,6 +78,10 @@ def mutual_distillation_loss(
             networks, rows ``K..M-1`` teacher-only rows (e.g. the ensemble's mean logits).
         target: ``[B]`` int64 class indices.
         peer_weights: ``[K, M]`` topology matrix W (see :func:`peer_weights`).
+        target_b, lam: soft targets (mixup, CutMix): ``[B]`` class indices and the weight of
+            ``target`` (``[B]`` or one value, float; tensors stay on the device, no host sync). Sample
+            b's CE target is then ``lam[b]·onehot(target[b]) + (1 - lam[b])·onehot(target_b[b])``,
+            with label smoothing on top: ``(1 - eps)·that + eps / C``. Both or neither.
 
     Returns:
         ``(loss, ce, kl)``, each ``[K]`` (float32; float64 for float64 logits), with
@@ -88,14 +94,21 @@ def mutual_distillation_loss(
     outside ``[0, C)`` raise on the CPU; on CUDA (where checking would cost a host sync) they give
     NaN losses.
     """
+    if (target_b is None) != (lam is None):
+        raise ValueError("soft targets need both target_b and lam (or neither)")
+    if lam is not None:
+        # one λ for the batch (mixup, CutMix) becomes one per sample: the kernels read lam[b]
+        lam = torch.as_tensor(lam, device=logits.device)
+        if lam.dim() == 0:
+            lam = lam.expand(target.shape)
     if not HAS_EXTENSION:
         return reference.mutual_distillation_loss(
-            logits, target, peer_weights, temperature, ce_weight, kd_weight, label_smoothing
+            logits, target, peer_weights, temperature, ce_weight, kd_weight, label_smoothing, target_b, lam
         )
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, ce, kl, _ = torch.ops.afd_fast.mutual_distillation_forward(
         logits, target, peer_weights, float(temperature), float(ce_weight), float(kd_weight),
-        float(label_smoothing), compute_grad,
+        float(label_smoothing), compute_grad, target_b, lam,
     )
     return loss, ce, kl
 
@@ -135,7 +148,8 @@ def register_fake_and_autograd(namespace: str = "afd_fast") -> None:
     lib = getattr(torch.ops, namespace)
 
     @torch.library.register_fake(f"{namespace}::mutual_distillation_forward")
-    def _(logits, target, peer_weights, temperature, ce_weight, kd_weight, label_smoothing, compute_grad):
+    def _(logits, target, peer_weights, temperature, ce_weight, kd_weight, label_smoothing, compute_grad,
+          target_b=None, lam=None):
         torch._check(logits.dim() == 3, lambda: f"logits must be [M, B, C], got {tuple(logits.shape)}")
         torch._check(peer_weights.dim() == 2, lambda: "peer_weights must be [K, M]")
         k = peer_weights.shape[0]
@@ -173,7 +187,7 @@ def register_fake_and_autograd(namespace: str = "afd_fast") -> None:
             )
         (saved,) = ctx.saved_tensors
         grad_logits = lib.mutual_distillation_backward(grad_loss, saved, ctx.num_rows)
-        return grad_logits, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
         f"{namespace}::mutual_distillation_forward", _md_backward, setup_context=_md_setup_context

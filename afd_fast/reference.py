@@ -17,6 +17,8 @@ def mutual_distillation_loss(
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     label_smoothing: float = 0.0,
+    target_b: torch.Tensor | None = None,
+    lam: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-network logit loss of online distillation (docs/design.md §1).
 
@@ -24,10 +26,21 @@ def mutual_distillation_loss(
     ``peer_weights`` is ``[K, M]``. Returns ``(loss, ce, kl)``, each ``[K]`` float32, with
     ``ce[k] = ce_weight * CE(y, z_k)``, ``kl[k] = kd_weight * T^2 * sum_j W[k, j] KL(p_j^T || p_k^T)``
     (both batch means) and ``loss = ce + kl``. Teachers are detached.
+
+    Soft targets (mixup/CutMix): with ``target_b`` and ``lam`` (``[B]`` or a scalar), sample b's
+    target distribution is ``lam[b] * onehot(target[b]) + (1 - lam[b]) * onehot(target_b[b])``,
+    label smoothing on top, as torchvision's reference mixes one-hot targets before its smoothed CE.
     """
     num_students = peer_weights.shape[0]
     t = float(temperature)
     z = logits.double() if logits.dtype == torch.float64 else logits.float()
+    if (target_b is None) != (lam is None):
+        raise ValueError("soft targets need both target_b and lam (or neither)")
+    if target_b is not None:
+        classes = logits.shape[-1]
+        weight = lam.to(z.dtype).expand(target.shape)[:, None]
+        target = weight * F.one_hot(target.long(), classes).to(z.dtype) + (1 - weight) * F.one_hot(
+            target_b.long(), classes).to(z.dtype)
     log_p_t = F.log_softmax(z / t, dim=-1)
     teacher = log_p_t.detach()
     ce, kl = [], []

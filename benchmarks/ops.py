@@ -4,7 +4,9 @@
     python benchmarks/ops.py --device cpu --quick
 
 Forward (no grad) and forward+backward of the mutual-distillation loss for the shapes of the
-issue; medians over repeated calls, ratios against the eager reference measured in the same run.
+issue, with hard targets and with mixup/CutMix soft targets (target_b, lam: the reference mixes
+one-hot targets as torchvision's reference does); medians over repeated calls, ratios against the
+eager reference measured in the same run, and the fused op's soft/hard time ratio.
 On CUDA it also measures the card's copy bandwidth and reports the fused op's effective bandwidth.
 Writes benchmarks/results/ops-<cpu|cuda>.json naming the machine.
 """
@@ -54,6 +56,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (a smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--targets", choices=("hard", "soft", "both"), default="both",
+                        help="class indices, mixup/CutMix soft targets, or both (default)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/ops-<device>.json)")
     args = parser.parse_args(argv)
 
@@ -69,27 +73,36 @@ def main(argv=None) -> dict:
 
     variants = _variants(compile_reference=not args.no_compile)
     rows, results = [], []
-    for k, b, c in shapes:
+    kinds = ("hard", "soft") if args.targets == "both" else (args.targets,)
+    for (k, b, c), targets in ((shape, t) for shape in shapes for t in kinds):
         if device.type == "cpu" and c >= 32000:
             b = min(b, CPU_LARGE_BATCH)
-        logits = torch.randn(k, b, c, device=device).to(dtype).requires_grad_()
-        target = torch.randint(0, c, (b,), device=device)
+        gen = torch.Generator(device=device).manual_seed(0)  # the same logits for hard and soft
+        logits = torch.randn(k, b, c, device=device, generator=gen).to(dtype).requires_grad_()
+        target = torch.randint(0, c, (b,), device=device, generator=gen)
         weights = ops.peer_weights(_topology(k), k, device=device)
         grad_out = torch.ones(k, device=device)
+        # mixup/CutMix: the batch paired with its flip, one λ per sample
+        soft = dict(target_b=target.flip(0), lam=torch.rand(b, device=device, generator=gen)) if targets == "soft" else {}
         timings = {}
         for name, fn in variants.items():
             def forward(fn=fn):
                 with torch.no_grad():
-                    return fn(logits, target, weights)
+                    return fn(logits, target, weights, **soft)
 
             def forward_backward(fn=fn):
-                loss, _, _ = fn(logits, target, weights)
+                loss, _, _ = fn(logits, target, weights, **soft)
                 return torch.autograd.grad(loss, logits, grad_out)
 
             warmup = 3 if name != "compiled" else 5
             timings[name] = {"fwd_ms": common.median_ms(forward, device, warmup, iters),
                              "fwd_bwd_ms": common.median_ms(forward_backward, device, warmup, iters)}
-        entry = {"K": k, "B": b, "C": c, "dtype": str(dtype).replace("torch.", ""), "timings": timings}
+        entry = {"K": k, "B": b, "C": c, "targets": targets, "dtype": str(dtype).replace("torch.", ""),
+                 "timings": timings}
+        hard = [r for r in results if (r["K"], r["B"], r["C"], r["targets"]) == (k, b, c, "hard")]
+        if targets == "soft" and hard:
+            for phase in ("fwd_ms", "fwd_bwd_ms"):
+                entry[f"fused_soft_over_hard_{phase[:-3]}"] = timings["fused"][phase] / hard[0]["timings"]["fused"][phase]
         for phase in ("fwd_ms", "fwd_bwd_ms"):
             entry[f"speedup_vs_eager_{phase[:-3]}"] = timings["eager"][phase] / timings["fused"][phase]
             if "compiled" in timings:
@@ -98,14 +111,15 @@ def main(argv=None) -> dict:
             elem = logits.element_size() * k * b * c
             # forward with grad reads the logits and writes the gradient; backward reads it and writes d logits
             fwd_grad_ms = common.median_ms(
-                lambda: torch.ops.afd_fast.mutual_distillation_forward(logits, target, weights, 3.0, 1.0, 1.0, 0.0, True),
+                lambda: torch.ops.afd_fast.mutual_distillation_forward(logits, target, weights, 3.0, 1.0, 1.0, 0.0, True,
+                                                                       soft.get("target_b"), soft.get("lam")),
                 device, 3, iters)
             entry["fwd_with_grad_ms"] = fwd_grad_ms
             entry["fwd_with_grad_bandwidth_fraction"] = 2 * elem / (fwd_grad_ms * 1e-3) / 1e9 / bandwidth
             entry["fwd_bwd_bandwidth_fraction"] = 4 * elem / (timings["fused"]["fwd_bwd_ms"] * 1e-3) / 1e9 / bandwidth
         results.append(entry)
         for phase, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
-            row = [f"({k}, {b}, {c})", label] + [f"{timings[n][phase]:.3f}" for n in variants]
+            row = [f"({k}, {b}, {c})", targets, label] + [f"{timings[n][phase]:.3f}" for n in variants]
             row.append(f"{timings['eager'][phase] / timings['fused'][phase]:.2f}x")
             if "compiled" in timings:
                 row.append(f"{timings['compiled'][phase] / timings['fused'][phase]:.2f}x")
@@ -113,12 +127,16 @@ def main(argv=None) -> dict:
                 key = "fwd_with_grad_bandwidth_fraction" if label == "fwd" else "fwd_bwd_bandwidth_fraction"
                 row.append(f"{100 * entry[key]:.0f}%")
             rows.append(row)
-    headers = ["(K, B, C)", "pass"] + [f"{n} ms" for n in variants] + ["fused vs eager"]
+    headers = ["(K, B, C)", "targets", "pass"] + [f"{n} ms" for n in variants] + ["fused vs eager"]
     if "compiled" in variants:
         headers.append("fused vs compiled")
     if bandwidth:
         headers.append("of copy BW")
     common.print_table(headers, rows)
+    for r in results:
+        if "fused_soft_over_hard_fwd_bwd" in r:
+            print(f"fused op, soft / hard targets, ({r['K']}, {r['B']}, {r['C']}): fwd {r['fused_soft_over_hard_fwd']:.2f}x, "
+                  f"fwd+bwd {r['fused_soft_over_hard_fwd_bwd']:.2f}x")
 
     payload = {"benchmark": "ops", "device": device.type, "machine": info, "dtype": str(dtype),
                "iters": iters, "copy_bandwidth_gbs": bandwidth, "results": results}

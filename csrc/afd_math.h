@@ -3,12 +3,13 @@
 //
 // Notation (docs/design.md §1, §4): z_m = logits of row m for one sample, T = temperature,
 // p_m = softmax(z_m), q_m = softmax(z_m / T), W = peer weights [K, M].
-//   CE_k       = lse(z_k) - (1 - eps) z_k[y] - eps * mean_c z_k[c]          (label smoothing eps)
+//   CE_k       = lse(z_k) - (1 - eps) <t, z_k> - eps * mean_c z_k[c]        (label smoothing eps)
 //   KL_k       = sum_j W[k, j] sum_c q_j[c] (log q_j[c] - log q_k[c])
 //   loss_k     = ce_w * CE_k + kd_w * T^2 * KL_k                            (batch means)
-//   dloss_k/dz = ce_w * (p_k - (1 - eps) onehot(y) - eps / C) + kd_w * T * (S_k q_k - sum_j W[k, j] q_j)
-// with S_k = sum_j W[k, j]; teachers q_j are constants (detached), which is what makes the
-// gradient of row k depend only on loss_k.
+//   dloss_k/dz = ce_w * (p_k - (1 - eps) t - eps / C) + kd_w * T * (S_k q_k - sum_j W[k, j] q_j)
+// with S_k = sum_j W[k, j] and t the sample's target distribution: onehot(y), or for mixup/CutMix
+// lam * onehot(a) + (1 - lam) * onehot(b) (a hard target is a = b = y, lam = 1). Teachers q_j are
+// constants (detached), which is what makes the gradient of row k depend only on loss_k.
 #pragma once
 
 #include <cmath>
@@ -124,6 +125,20 @@ AFD_HD acc_t cross_entropy(acc_t lse, acc_t z_target, acc_t mean_z, acc_t eps) {
   return lse - (acc_t(1) - eps) * z_target - eps * mean_z;
 }
 
+// <t, z> of a soft target t = lam * onehot(a) + (1 - lam) * onehot(b), from z[a] and z[b]. A hard
+// target (lam = 1) gives z[a] itself, also where z[a] is infinite (0 * inf would be NaN).
+template <typename acc_t>
+AFD_HD acc_t target_logit(acc_t z_a, acc_t z_b, acc_t lam) {
+  return lam == acc_t(1) ? z_a : lam * z_a + (acc_t(1) - lam) * z_b;
+}
+
+// t[c], the target's probability of class c: lam at a, 1 - lam at b, their sum where a = b.
+// (index_t: int on the GPU, where 64-bit class indices would cost registers.)
+template <typename acc_t, typename index_t>
+AFD_HD acc_t target_share(index_t c, index_t a, index_t b, acc_t lam) {
+  return (c == a ? lam : acc_t(0)) + (c == b ? acc_t(1) - lam : acc_t(0));
+}
+
 // log q[c] from the row's max and log(sum exp((z - max) / T)).
 template <typename acc_t>
 AFD_HD acc_t log_prob_t(acc_t z, acc_t row_max, acc_t log_sum_t, acc_t inv_t) {
@@ -141,7 +156,7 @@ template <typename acc_t>
 struct StudentGradScale {
   acc_t ce;            // ce_w / B, multiplies p_k
   acc_t ce_uniform;    // ce_w * eps / (C * B), subtracted everywhere
-  acc_t ce_target;     // ce_w * (1 - eps) / B, subtracted at the target class
+  acc_t ce_target;     // ce_w * (1 - eps) / B, times the target's share t[c], subtracted
   acc_t kd;            // kd_w * T / B, multiplies (S_k q_k - teacher mixture)
 };
 
@@ -154,12 +169,12 @@ AFD_HD StudentGradScale<acc_t> student_grad_scale(acc_t ce_w, acc_t kd_w, acc_t 
 }
 
 // d loss_k / d z_k[c] for one class: p = softmax(z_k)[c], q = q_k[c],
-// teacher_mix = sum_j W[k, j] q_j[c], weight_sum = S_k.
+// teacher_mix = sum_j W[k, j] q_j[c], weight_sum = S_k, share = t[c] (target_share).
 template <typename acc_t>
 AFD_HD acc_t student_grad(const StudentGradScale<acc_t>& s, acc_t p, acc_t q, acc_t teacher_mix,
-                          acc_t weight_sum, bool is_target) {
+                          acc_t weight_sum, acc_t share) {
   const acc_t g = s.ce * p - s.ce_uniform + s.kd * (weight_sum * q - teacher_mix);
-  return is_target ? g - s.ce_target : g;
+  return share == acc_t(0) ? g : g - s.ce_target * share;
 }
 
 // LSGAN terms of one sample for discriminator D_k: own = D_k(own map) (fake), peer = D_k(peer's

@@ -4,6 +4,8 @@
 
 #include <torch/types.h>
 
+#include <optional>
+
 namespace afd {
 
 // Largest number of logit rows (students + teacher-only rows) one call accepts; the CUDA kernel
@@ -44,6 +46,28 @@ inline void check_mutual_distillation_inputs(const at::Tensor& logits, const at:
               "temperature must be a finite number > 0, got ", temperature);
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+// Soft targets (mixup/CutMix): both or neither; target_b [B] class indices like target, lam [B]
+// floating-point weights of target, on the logits' device.
+inline void check_soft_target_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& target_b,
+                                     const std::optional<at::Tensor>& lam) {
+  TORCH_CHECK(target_b.has_value() == lam.has_value(),
+              "soft targets need both target_b and lam (or neither), got ",
+              target_b.has_value() ? "target_b without lam" : "lam without target_b");
+  if (!target_b.has_value()) return;
+  const int64_t batch = logits.size(1);
+  TORCH_CHECK(target_b->dim() == 1 && target_b->size(0) == batch, "target_b must be [B] = [", batch,
+              "] class indices, got shape ", target_b->sizes());
+  TORCH_CHECK(target_b->scalar_type() == at::kLong || target_b->scalar_type() == at::kInt,
+              "target_b must hold int64 (or int32) class indices, got ", target_b->scalar_type());
+  TORCH_CHECK(lam->dim() == 1 && lam->size(0) == batch, "lam must be [B] = [", batch,
+              "] weights of target (1 - lam goes to target_b), got shape ", lam->sizes());
+  TORCH_CHECK(at::isFloatingType(lam->scalar_type()), "lam must be a floating-point tensor, got ",
+              lam->scalar_type());
+  TORCH_CHECK(target_b->device() == logits.device() && lam->device() == logits.device(),
+              "target_b and lam must be on the logits' device ", logits.device(), ", got ",
+              target_b->device(), " and ", lam->device());
 }
 
 inline void check_mutual_distillation_backward_inputs(const at::Tensor& grad_loss,

@@ -47,7 +47,7 @@ struct SampleScratch {
 
 template <typename scalar_t, typename acc_t>
 void mutual_distillation_sample(const MutualDistillationArgs& a, const scalar_t* logits,
-                                int64_t target, const acc_t* weights, int64_t b,
+                                int64_t target_a, int64_t target_b, acc_t lam, const acc_t* weights, int64_t b,
                                 SampleScratch<acc_t>& s, scalar_t* grad, acc_t* ce_out,
                                 acc_t* kl_out) {
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
@@ -108,7 +108,7 @@ void mutual_distillation_sample(const MutualDistillationArgs& a, const scalar_t*
       for (int64_t c = 0; c < C; ++c) mean_z += zk[c];
       mean_z /= acc_t(C);
     }
-    ce_out[k * a.batch + b] = cross_entropy(s.lse1[k], zk[target], mean_z, eps);
+    ce_out[k * a.batch + b] = cross_entropy(s.lse1[k], target_logit(zk[target_a], zk[target_b], lam), mean_z, eps);
 
     // KL towards every teacher j, and the teacher mixture sum_j W[k, j] q_j for the gradient.
     acc_t kl = 0, weight_sum = 0;
@@ -149,21 +149,26 @@ void mutual_distillation_sample(const MutualDistillationArgs& a, const scalar_t*
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       dst[c] = static_cast<scalar_t>(
-          student_grad(scale, e1k[c] * inv1, etk[c] * invt, mix[c], weight_sum, c == target));
+          student_grad(scale, e1k[c] * inv1, etk[c] * invt, mix[c], weight_sum,
+                       target_share(c, target_a, target_b, lam)));
     }
   }
 }
 
 // Writes the per-sample CE and weighted KL sums ([K, B], acc dtype) and, when `grad` is defined,
-// d loss_k / d z_k ([K, B, C], logits dtype). Inputs are contiguous and checked by the caller.
+// d loss_k / d z_k ([K, B, C], logits dtype). Inputs are contiguous and checked by the caller;
+// target_b (int64) and lam (acc dtype) are defined for soft targets only.
 void mutual_distillation_kernel(const MutualDistillationArgs& a, const at::Tensor& logits,
-                                       const at::Tensor& target, const at::Tensor& weights,
+                                       const at::Tensor& target, const at::Tensor& target_b,
+                                       const at::Tensor& lam, const at::Tensor& weights,
                                        const at::Tensor& grad, const at::Tensor& ce_per_sample,
                                        const at::Tensor& kl_per_sample) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "mutual_distillation_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const int64_t* y = target.const_data_ptr<int64_t>();
+    const int64_t* y_b = target_b.defined() ? target_b.const_data_ptr<int64_t>() : y;
+    const acc_t* mix_weight = lam.defined() ? lam.const_data_ptr<acc_t>() : nullptr;
     const acc_t* w = weights.const_data_ptr<acc_t>();
     scalar_t* g = grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* ce = ce_per_sample.mutable_data_ptr<acc_t>();
@@ -172,7 +177,8 @@ void mutual_distillation_kernel(const MutualDistillationArgs& a, const at::Tenso
     at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
       SampleScratch<acc_t> scratch(a, !std::is_same_v<scalar_t, acc_t>);
       for (int64_t b = begin; b < end; ++b) {
-        mutual_distillation_sample<scalar_t, acc_t>(a, z, y[b], w, b, scratch, g, ce, kl);
+        mutual_distillation_sample<scalar_t, acc_t>(a, z, y[b], y_b[b], mix_weight ? mix_weight[b] : acc_t(1), w, b,
+                                                    scratch, g, ce, kl);
       }
     });
   });

@@ -14,10 +14,12 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(afd_fast, m) {
   // Forward of the mutual-distillation loss; with compute_grad it also writes d loss_k / d z_k
   // ([K, B, C], logits dtype) so the backward only rescales. Otherwise `grad` is empty.
+  // target_b and lam ([B] each, both or neither): soft targets lam * onehot(target) +
+  // (1 - lam) * onehot(target_b) per sample (mixup, CutMix).
   m.def(
       "mutual_distillation_forward(Tensor logits, Tensor target, Tensor peer_weights, float "
-      "temperature, float ce_weight, float kd_weight, float label_smoothing, bool compute_grad) -> "
-      "(Tensor loss, Tensor ce, Tensor kl, Tensor grad)");
+      "temperature, float ce_weight, float kd_weight, float label_smoothing, bool compute_grad, "
+      "Tensor? target_b=None, Tensor? lam=None) -> (Tensor loss, Tensor ce, Tensor kl, Tensor grad)");
   // grad_logits [num_rows, B, C]: row k < K is grad_loss[k] * saved_grad[k], teacher rows are 0.
   m.def("mutual_distillation_backward(Tensor grad_loss, Tensor saved_grad, int num_rows) -> Tensor");
   m.def(

@@ -13,7 +13,8 @@ namespace afd {
 #if defined(__x86_64__) && defined(__GNUC__)
 namespace avx2 {  // ops_cpu_avx2.cpp
 void mutual_distillation_kernel(const MutualDistillationArgs& a, const at::Tensor& logits,
-                                const at::Tensor& target, const at::Tensor& weights,
+                                const at::Tensor& target, const at::Tensor& target_b,
+                                const at::Tensor& lam, const at::Tensor& weights,
                                 const at::Tensor& grad, const at::Tensor& ce_per_sample,
                                 const at::Tensor& kl_per_sample);
 }
@@ -30,22 +31,33 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// Plain loops instead of ATen reductions: this op is called every step and its fixed cost counts.
+void check_class_indices(const at::Tensor& indices, int64_t classes, const char* name) {
+  const int64_t* y = indices.const_data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(y, y + indices.numel());
+  TORCH_CHECK(*lo >= 0 && *hi < classes, name, " holds class indices in [", *lo, ", ", *hi,
+              "], but logits have ", classes, " classes (valid: 0..", classes - 1, ")");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_distillation_forward_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& weights_in,
     double temperature, double ce_weight, double kd_weight, double label_smoothing,
-    bool compute_grad) {
+    bool compute_grad, const std::optional<at::Tensor>& target_b_in, const std::optional<at::Tensor>& lam_in) {
   check_mutual_distillation_inputs(logits_in, target_in, weights_in, temperature, label_smoothing);
+  check_soft_target_inputs(logits_in, target_b_in, lam_in);
   TORCH_CHECK(logits_in.device().is_cpu(), "mutual_distillation_forward_cpu got a ",
               logits_in.device(), " tensor");
   const auto logits = logits_in.contiguous();
   const auto target = target_in.to(at::kLong).contiguous();
   const int64_t classes = logits.size(2);
-  // Plain loops instead of ATen reductions: this op is called every step and its fixed cost counts.
-  const int64_t* y = target.const_data_ptr<int64_t>();
-  const auto [lo, hi] = std::minmax_element(y, y + target.numel());
-  TORCH_CHECK(*lo >= 0 && *hi < classes, "target holds class indices in [", *lo, ", ", *hi,
-              "], but logits have ", classes, " classes (valid: 0..", classes - 1, ")");
+  check_class_indices(target, classes, "target");
   const auto acc = acc_dtype(logits.scalar_type());
+  at::Tensor target_b, lam;  // undefined: hard targets
+  if (target_b_in.has_value()) {
+    target_b = target_b_in->to(at::kLong).contiguous();
+    check_class_indices(target_b, classes, "target_b");
+    lam = lam_in->to(acc).contiguous();
+  }
   const auto weights = weights_in.to(acc).contiguous();
   MutualDistillationArgs a{logits.size(0), weights.size(0), logits.size(1), classes,
                            temperature, ce_weight, kd_weight, label_smoothing};
@@ -57,11 +69,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_distillation_f
   const at::Tensor grad_or_undefined = compute_grad ? grad : at::Tensor();
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_has_avx2()) {
-    avx2::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, per_sample[0], per_sample[1]);
+    avx2::mutual_distillation_kernel(a, logits, target, target_b, lam, weights, grad_or_undefined, per_sample[0],
+                                     per_sample[1]);
   } else
 #endif
   {
-    baseline::mutual_distillation_kernel(a, logits, target, weights, grad_or_undefined, per_sample[0], per_sample[1]);
+    baseline::mutual_distillation_kernel(a, logits, target, target_b, lam, weights, grad_or_undefined, per_sample[0],
+                                         per_sample[1]);
   }
   // Batch means in a fixed order (double sums), so results do not depend on the thread count.
   auto loss = at::empty({a.students}, opts), ce = at::empty({a.students}, opts), kl = at::empty({a.students}, opts);

@@ -34,11 +34,13 @@ def guarded(mode="end"):
         EMU.set_guard_mode("off")
 
 
-def emulated_loss(logits, target, weights, temperature=3.0, ce_weight=1.0, kd_weight=1.0, label_smoothing=0.0):
+def emulated_loss(logits, target, weights, temperature=3.0, ce_weight=1.0, kd_weight=1.0, label_smoothing=0.0,
+                  target_b=None, lam=None):
     """afd_fast.ops.mutual_distillation_loss with the emulated CUDA kernels."""
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, ce, kl, _ = E.mutual_distillation_forward(logits, target, weights, float(temperature), float(ce_weight),
-                                                    float(kd_weight), float(label_smoothing), compute_grad)
+                                                    float(kd_weight), float(label_smoothing), compute_grad,
+                                                    target_b, lam)
     return loss, ce, kl
 
 
@@ -65,22 +67,23 @@ ROWS = [(1, 1, "random"), (2, 2, "pair"), (3, 3, "cyclic"), (3, 2, "ensemble"), 
 
 
 def _cases():
-    """Every class count with every dtype; rows, batch, temperature, smoothing, alignment and the
-    gradient cycle through their values. Block-per-sample cases keep B small (1 or 3)."""
+    """Every class count with every dtype; rows, batch, temperature, smoothing, alignment, the
+    gradient and soft targets (half the dtypes of each class count) cycle through their values.
+    Block-per-sample cases keep B small (1 or 3)."""
     cases = []
     for i, (c, dtype) in enumerate((c, d) for c in CLASSES for d in DTYPES):
         m, k, topology = ROWS[(i + i // 10) % len(ROWS)]
         b = BATCHES[(i * 5 + i // 4) % len(BATCHES)] if c <= 4096 else (1, 3)[i % 2]
         cases.append(dict(m=m, k=k, topology=topology, b=b, c=c, dtype=dtype, misaligned=i % 3 == 2,
                           temperature=(1.0, 3.0, 4.0)[(i // 2) % 3], label_smoothing=(0.0, 0.1)[(i // 3) % 2],
-                          with_grad=i % 5 != 4, seed=i))
+                          with_grad=i % 5 != 4, soft=(i + i // 4) % 2 == 1, seed=i))
     return cases
 
 
 def _case_id(c):
-    return "M{m}K{k}-{topology}-B{b}-C{c}-{dt}{mis}-T{temperature:g}-ls{label_smoothing:g}{g}".format(
+    return "M{m}K{k}-{topology}-B{b}-C{c}-{dt}{mis}-T{temperature:g}-ls{label_smoothing:g}{g}{soft_id}".format(
         dt=str(c["dtype"]).replace("torch.", ""), mis="-misaligned" if c["misaligned"] else "",
-        g="" if c["with_grad"] else "-nograd", **c)
+        g="" if c["with_grad"] else "-nograd", soft_id="-soft" if c["soft"] else "", **c)
 
 
 def make_logits(case, generator):
@@ -94,6 +97,10 @@ def make_logits(case, generator):
         head, tail = storage[1:], storage[:-1]
         logits = (head if head.data_ptr() % 16 else tail).view(m, b, c)  # whichever is off the boundary
     return logits.copy_(values)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tolerances(dtype):
@@ -117,6 +124,11 @@ def test_mutual_distillation_kernels(case):
         target = torch.randint(0, case["c"], (case["b"],), generator=gen)
         weights = weights_for(case["topology"], case["m"], case["k"], gen)
         grad_out = torch.rand(case["k"], generator=gen, dtype=torch.float64) + 0.5
+        if case["soft"]:  # mixup/CutMix targets, lam 1 and target_b == target among them
+            kw["target_b"] = torch.randint(0, case["c"], (case["b"],), generator=gen)
+            kw["target_b"][::3] = target[::3]
+            kw["lam"] = torch.rand(case["b"], generator=gen, dtype=torch.float64).to(acc_dtype(case["dtype"]))
+            kw["lam"][1::4] = 1.0
         if case["misaligned"]:
             assert logits.data_ptr() % 16 != 0
         elif case["c"] % (16 // logits.element_size()) == 0:  # the kernel's 16-byte load path
@@ -167,19 +179,26 @@ def test_results_do_not_depend_on_thread_order(shape):
             assert torch.equal(a, b_)  # the kernels sum in a fixed order: bit-identical
 
 
+@pytest.mark.parametrize("which", ["target", "target_b"])
 @pytest.mark.parametrize("bad_target", [-1, "C"])
 @pytest.mark.parametrize("c", [7, 5000])
-def test_target_outside_classes_gives_nan(bad_target, c):
-    """README: a target outside [0, C) gives NaN on CUDA (checking it would need a host sync)."""
+def test_target_outside_classes_gives_nan(bad_target, c, which):
+    """README: a target (or soft target_b) outside [0, C) gives NaN on CUDA (checking it would need a
+    host sync)."""
     gen = torch.Generator().manual_seed(c)
     logits = torch.randn(2, 3, c, generator=gen)
     target = torch.randint(0, c, (3,), generator=gen)
     weights = ops.peer_weights("pair", 2)
     bad = target.clone()
     bad[1] = c if bad_target == "C" else bad_target
+    if which == "target":  # a hard target
+        bad_call, good_call = (bad, {}), (target, {})
+    else:  # a soft target whose target_b is the bad one
+        lam = torch.full((3,), 0.4)
+        bad_call, good_call = (target, dict(target_b=bad, lam=lam)), (target, dict(target_b=target, lam=lam))
     with guarded():
-        loss, ce, kl, grad = run(emulated_loss, logits, bad, weights, torch.ones(2), True)
-        valid = run(emulated_loss, logits, target, weights, torch.ones(2), True)
+        loss, ce, kl, grad = run(emulated_loss, logits, bad_call[0], weights, torch.ones(2), True, **bad_call[1])
+        valid = run(emulated_loss, logits, good_call[0], weights, torch.ones(2), True, **good_call[1])
     assert torch.isnan(loss).all() and torch.isnan(ce).all()
     torch.testing.assert_close(kl, valid[2])  # the KL part does not read the target
     assert torch.isnan(grad[:, 1]).all()
@@ -250,7 +269,13 @@ def test_gradcheck_through_emulated_kernels():
         def loss_k(row, k=k):  # loss[k] depends on row k alone: the other rows are detached teachers
             z = torch.cat([logits[:k], row[None], logits[k + 1:]])
             return emulated_loss(z, target, weights, 2.0, 0.5, 1.5, 0.2)[0][k]
+
+        def soft_loss_k(row, k=k):  # soft targets (mixup/CutMix)
+            z = torch.cat([logits[:k], row[None], logits[k + 1:]])
+            return emulated_loss(z, target, weights, 2.0, 0.5, 1.5, 0.2, target_b=target.flip(0),
+                                 lam=torch.tensor([0.3, 1.0, 0.0], dtype=torch.float64))[0][k]
         assert torch.autograd.gradcheck(loss_k, (logits[k].clone().requires_grad_(),))
+        assert torch.autograd.gradcheck(soft_loss_k, (logits[k].clone().requires_grad_(),))
     own = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     peer = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: E.lsgan_forward(a, b, 0.9, 0.1), (own, peer))
@@ -263,6 +288,8 @@ def test_opcheck_emulated_ops():
     weights = ops.peer_weights("ensemble", 2)
     for z, compute_grad in ((logits, True), (logits.detach(), False)):
         torch.library.opcheck(E.mutual_distillation_forward, (z, target, weights, 3.0, 1.0, 1.0, 0.1, compute_grad))
+        torch.library.opcheck(E.mutual_distillation_forward, (z, target, weights, 3.0, 1.0, 1.0, 0.1, compute_grad,
+                                                              target.roll(1), torch.rand(4, generator=gen)))
     torch.library.opcheck(E.mutual_distillation_backward, (torch.rand(2), torch.randn(2, 4, 9), 3))
     own, peer = torch.randn(3, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True)
     torch.library.opcheck(E.lsgan_forward, (own, peer, 1.0, 0.0))

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import afd_fast.ops as ops
 from afd_fast import reference
@@ -242,9 +243,168 @@ def test_lsgan_low_precision(dtype):
         torch.testing.assert_close(x.float(), y, rtol=rtol, atol=1e-6)
 
 
-# --- bad inputs: each gives a clear error --------------------------------------------------------
-
+# inputs of the bad-input tests
 L, Y, W = torch.randn(2, 4, 10), torch.randint(0, 10, (4,)), ops.peer_weights("pair", 2)
+Y_SOFT = torch.randint(0, 10, (4,))
+
+
+# --- soft targets (mixup, CutMix): lam * onehot(target) + (1 - lam) * onehot(target_b) ----------------
+
+def soft_target(batch, classes, target, generator, dtype=torch.float64):
+    """target_b and lam [B] with the edge cases mixed in: lam 0 and 1, target_b == target."""
+    target_b = torch.randint(0, classes, (batch,), generator=generator)
+    lam = torch.rand(batch, generator=generator, dtype=torch.float64)
+    lam[::4], lam[1::5] = 1.0, 0.0
+    target_b[2::3] = target[2::3]
+    return target_b, lam.to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-B{}-C{}-{}".format(*s))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_soft_targets_match_reference_float64(shape, label_smoothing):
+    gen = torch.Generator().manual_seed(hash((shape, label_smoothing, "soft")) % 2**31)
+    logits, target, weights = make_case(*shape, generator=gen)
+    target_b, lam = soft_target(shape[2], shape[3], target, gen)
+    grad_out = torch.rand(shape[1], dtype=torch.float64, generator=gen) + 0.5
+    kw = dict(temperature=2.5, ce_weight=0.7, kd_weight=1.3, label_smoothing=label_smoothing,
+              target_b=target_b, lam=lam)
+    got = _grads(ops.mutual_distillation_loss, logits, target, weights, grad_out, **kw)
+    want = _grads(reference.mutual_distillation_loss, logits, target, weights, grad_out, **kw)
+    for g, w, name in zip(got, want, ("loss", "ce", "kl", "grad")):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_soft_target_cross_entropy_is_torchvisions():
+    """The CE of a mixed target is what torchvision's reference trains with: its one-hot targets mixed,
+    then CrossEntropyLoss(label_smoothing) on the probabilities; also λ·CE(a) + (1-λ)·CE(b)."""
+    gen = torch.Generator().manual_seed(3)
+    logits, target, weights = make_case(2, 2, 12, 10, "pair", generator=gen)
+    target_b, lam = soft_target(12, 10, target, gen)
+    _, ce, _ = ops.mutual_distillation_loss(logits, target, weights, label_smoothing=0.1, target_b=target_b, lam=lam)
+    mixed = lam[:, None] * F.one_hot(target, 10) + (1 - lam[:, None]) * F.one_hot(target_b, 10)
+    for k in range(2):
+        torch.testing.assert_close(ce[k], F.cross_entropy(logits[k], mixed.double(), label_smoothing=0.1))
+        per_sample = (lam * F.cross_entropy(logits[k], target, label_smoothing=0.1, reduction="none")
+                      + (1 - lam) * F.cross_entropy(logits[k], target_b, label_smoothing=0.1, reduction="none"))
+        torch.testing.assert_close(ce[k], per_sample.mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_hard_targets_are_soft_targets_with_lam_one_or_zero(dtype):
+    """lam = 1 is the hard target, lam = 0 the hard target_b: bit for bit, gradient included."""
+    gen = torch.Generator().manual_seed(5)
+    logits, target, weights = make_case(3, 3, 9, 101, "cyclic", dtype=dtype, generator=gen)
+    other = torch.randint(0, 101, (9,), generator=gen)
+    ones = torch.ones(9)
+    hard_a = _grads(ops.mutual_distillation_loss, logits, target, weights, ones[:3], label_smoothing=0.1)
+    hard_b = _grads(ops.mutual_distillation_loss, logits, other, weights, ones[:3], label_smoothing=0.1)
+    soft_a = _grads(ops.mutual_distillation_loss, logits, target, weights, ones[:3], label_smoothing=0.1,
+                    target_b=other, lam=torch.ones(9))
+    soft_b = _grads(ops.mutual_distillation_loss, logits, target, weights, ones[:3], label_smoothing=0.1,
+                    target_b=other, lam=0.0)
+    for hard, soft in ((hard_a, soft_a), (hard_b, soft_b)):
+        for h, s in zip(hard, soft):
+            assert torch.equal(h, s)
+
+
+def test_one_lam_for_the_batch_is_every_samples():
+    logits, target, weights = make_case(2, 2, 7, 20, "pair")
+    target_b = target.roll(1)
+    one = ops.mutual_distillation_loss(logits, target, weights, target_b=target_b, lam=torch.tensor(0.3))
+    each = ops.mutual_distillation_loss(logits, target, weights, target_b=target_b, lam=torch.full((7,), 0.3))
+    for a, b in zip(one, each):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_soft_targets_low_precision(dtype):
+    gen = torch.Generator().manual_seed(7)
+    logits, target, weights = make_case(3, 2, 32, 1000, "ensemble", dtype=dtype, generator=gen)
+    target_b, lam = soft_target(32, 1000, target, gen, dtype=torch.float32)
+    grad_out = torch.rand(2, generator=gen) + 0.5
+    kw = dict(label_smoothing=0.1, target_b=target_b, lam=lam)
+    loss, ce, kl, grad = _grads(ops.mutual_distillation_loss, logits, target, weights, grad_out, **kw)
+    ref = _grads(reference.mutual_distillation_loss, logits.float(), target, weights, grad_out, **kw)
+    tol = TOLERANCES[dtype]
+    for got, want in zip((loss, ce, kl), ref[:3]):
+        torch.testing.assert_close(got, want, **tol["loss"])
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), ref[3], **tol["grad"])
+
+
+def test_soft_targets_gradcheck_and_opcheck():
+    logits, target, weights = make_case(3, 2, 4, 6, "ensemble")
+    target_b, lam = target.flip(0), torch.tensor([0.2, 1.0, 0.0, 0.65], dtype=torch.float64)
+    for k in range(2):
+        row = logits[k].clone().requires_grad_()
+
+        def loss_k(r, k=k):
+            z = torch.cat([logits[:k], r[None], logits[k + 1:]])
+            return ops.mutual_distillation_loss(z, target, weights, 2.0, 0.5, 1.5, 0.2, target_b=target_b, lam=lam)[0][k]
+        assert torch.autograd.gradcheck(loss_k, (row,))
+    x = logits.float().requires_grad_()
+    for z, compute_grad in ((x, True), (x.detach(), False)):
+        torch.library.opcheck(torch.ops.afd_fast.mutual_distillation_forward,
+                              (z, target, weights, 3.0, 1.0, 1.0, 0.1, compute_grad, target_b, lam.float()))
+
+
+def test_soft_targets_under_torch_compile():
+    logits, target, weights = make_case(2, 2, 8, 37, "pair", dtype=torch.float32)
+    target_b, lam = target.roll(1), torch.rand(8)
+
+    def step(z):
+        return ops.mutual_distillation_loss(z, target, weights, label_smoothing=0.1, target_b=target_b, lam=lam)[0].sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        z = logits.clone().requires_grad_()
+        out = fn(z)
+        results.append((out.detach(), *torch.autograd.grad(out, z)))
+    for e, c in zip(*results):
+        torch.testing.assert_close(c, e)
+
+
+def test_soft_target_lam_is_not_clamped():
+    """lam is not checked (CUDA could not without a host sync): any value gives the linear formula's
+    result, NaN a NaN loss for the networks, never a crash."""
+    logits, target, weights = make_case(2, 2, 5, 9, "pair")
+    target_b = target.roll(1)
+    for lam in (torch.full((5,), 1.5, dtype=torch.float64), torch.full((5,), -0.5, dtype=torch.float64)):
+        got = ops.mutual_distillation_loss(logits, target, weights, target_b=target_b, lam=lam)
+        want = reference.mutual_distillation_loss(logits, target, weights, target_b=target_b, lam=lam)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    lam = torch.full((5,), 0.5, dtype=torch.float64)
+    lam[2] = float("nan")
+    loss, ce, kl = ops.mutual_distillation_loss(logits, target, weights, target_b=target_b, lam=lam)
+    assert torch.isnan(ce).all() and torch.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(target_b=Y_SOFT), "soft targets need both target_b and lam"),
+    (dict(lam=torch.ones(4)), "soft targets need both target_b and lam"),
+    (dict(target_b=Y_SOFT[:3], lam=torch.ones(4)), r"target_b must be \[B\] = \[4\]"),
+    (dict(target_b=Y_SOFT.float(), lam=torch.ones(4)), "target_b must hold int64"),
+    (dict(target_b=Y_SOFT, lam=torch.ones(3)), r"lam must be \[B\] = \[4\]"),
+    (dict(target_b=Y_SOFT, lam=torch.ones(4, 1)), r"lam must be \[B\] = \[4\]"),
+    (dict(target_b=Y_SOFT, lam=torch.ones(4, dtype=torch.int64)), "lam must be a floating-point tensor"),
+    (dict(target_b=Y_SOFT.clone().fill_(10), lam=torch.ones(4)), r"target_b holds class indices in \[10, 10\]"),
+    (dict(target_b=Y_SOFT.clone().fill_(-3), lam=torch.ones(4)), "target_b holds class indices"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_soft_target_bad_inputs(kw, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        ops.mutual_distillation_loss(L, Y, W, **kw)
+    if "target_b" in kw and "lam" in kw:  # the operator itself, not only the Python wrapper
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.afd_fast.mutual_distillation_forward(L, Y, W, 3.0, 1.0, 1.0, 0.0, False, kw["target_b"], kw["lam"])
+
+
+def test_soft_target_operator_wants_both():
+    with pytest.raises(RuntimeError, match="both target_b and lam"):
+        torch.ops.afd_fast.mutual_distillation_forward(L, Y, W, 3.0, 1.0, 1.0, 0.0, False, Y_SOFT, None)
+
+
+# --- bad inputs: each gives a clear error --------------------------------------------------------
 
 
 @pytest.mark.parametrize("args,match", [

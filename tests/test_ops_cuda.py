@@ -44,6 +44,25 @@ def test_low_precision_matches_float32_reference(dtype, tol, shape):
     torch.testing.assert_close(got[3].float(), want[3], rtol=tol, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 64, 1000, "pair"), (3, 2, 9, 4097, "ensemble"), (5, 5, 7, 33, "cyclic")],
+                         ids=lambda s: "M{}-K{}-B{}-C{}-{}".format(*s))
+def test_soft_targets_match_reference(dtype, shape):
+    """mixup/CutMix targets (target_b, lam) on the GPU: every launch variant, against the reference."""
+    logits, target, weights = make_case(*shape, dtype=dtype, device=DEV)
+    soft = dict(target_b=target.roll(1), lam=torch.rand(shape[2], device=DEV), label_smoothing=0.1)
+    soft["lam"][::3] = 1.0
+    grad_out = torch.rand(shape[1], device=DEV) + 0.5
+    got = _grads(ops.mutual_distillation_loss, logits, target, weights, grad_out, **soft)
+    want = _grads(reference.mutual_distillation_loss, logits.double(), target, weights, grad_out.double(), **soft)
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for g, w in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g.double(), w, **tol)
+    grad_tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(
+        rtol=8e-3 if dtype == torch.bfloat16 else 1e-4, atol=1e-6)
+    torch.testing.assert_close(got[3].double(), want[3], **grad_tol)
+
+
 def test_cuda_matches_cpu_kernel():
     logits, target, weights = make_case(3, 3, 33, 1000, "cyclic", dtype=torch.float32)
     cpu = _grads(ops.mutual_distillation_loss, logits, target, weights, torch.ones(3))

@@ -100,6 +100,7 @@ struct MdParams {
 template <typename scalar_t, typename acc_t, int VEC, int MAX_ROWS>
 __global__ void __launch_bounds__(kThreads)
     mutual_distillation_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                                       const int64_t* __restrict__ target_b, const acc_t* __restrict__ lam,
                                        const acc_t* __restrict__ weights, const MdParams<acc_t> p,
                                        scalar_t* __restrict__ grad, acc_t* __restrict__ ce_ps,
                                        acc_t* __restrict__ kl_ps, unsigned int* __restrict__ counter,
@@ -146,27 +147,32 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < VEC; ++v) online_row_stats_add(st[m], static_cast<acc_t>(z.v[v]), p.inv_t);
       }
     }
+    // The sample's target: a hard one (a = b = y, lam = 1) or a soft one (target_b, lam). A bad index
+    // (no host check on CUDA) gives NaN: the CE through its target logit, the gradient through
+    // inv_sum1 (a poisoned row constant costs no register in pass 2).
+    const int64_t y64 = target[b], y_b64 = target_b != nullptr ? target_b[b] : y64;
+    const bool valid = y64 >= 0 && y64 < C && y_b64 >= 0 && y_b64 < C;
+    const int y = valid ? static_cast<int>(y64) : 0, y_b = valid ? static_cast<int>(y_b64) : 0;  // C < 2^31
+    const acc_t lam_b = lam != nullptr ? lam[b] : acc_t(1);
     acc_t row_max[MAX_ROWS], inv_sum1[MAX_ROWS], inv_sum_t[MAX_ROWS], log_sum_t[MAX_ROWS];
 #pragma unroll
     for (int m = 0; m < MAX_ROWS; ++m) {
       if (m >= p.rows) break;
       const OnlineRowStats<acc_t> s = group_merge(st[m], p.inv_t, p.group, stats_smem);
       row_max[m] = s.max;
-      inv_sum1[m] = acc_t(1) / s.sum1;
+      inv_sum1[m] = valid ? acc_t(1) / s.sum1 : acc_t(NAN);
       inv_sum_t[m] = acc_t(1) / s.sum_t;
       log_sum_t[m] = ::log(s.sum_t);
       if (m < p.students && lane == 0) {
-        const int64_t y = target[b];
-        const bool valid = y >= 0 && y < C;  // no host check on CUDA: a bad index gives NaN
-        const acc_t z_y = valid ? static_cast<acc_t>(row0[m * row_stride + y]) : acc_t(NAN);
+        const acc_t z_t = valid ? target_logit(static_cast<acc_t>(row0[m * row_stride + y]),
+                                               static_cast<acc_t>(row0[m * row_stride + y_b]), lam_b)
+                                : acc_t(NAN);
         const acc_t mean_z = p.eps == acc_t(0) ? acc_t(0) : s.sum_z / acc_t(C);  // as on the CPU
-        ce_ps[m * p.batch + b] = cross_entropy(s.max + ::log(s.sum1), z_y, mean_z, p.eps);
+        ce_ps[m * p.batch + b] = cross_entropy(s.max + ::log(s.sum1), z_t, mean_z, p.eps);
       }
     }
 
     // Pass 2: KL terms and student gradients, class by class.
-    const int64_t y = target[b];
-    const acc_t grad_poison = (y >= 0 && y < C) ? acc_t(0) : acc_t(NAN);
     acc_t kl_acc[MAX_ROWS];
 #pragma unroll
     for (int k = 0; k < MAX_ROWS; ++k) kl_acc[k] = 0;
@@ -206,7 +212,7 @@ __global__ void __launch_bounds__(kThreads)
             const acc_t prob = exp_nonpos(static_cast<acc_t>(z[k].v[v]) - row_max[k]) * inv_sum1[k];
             // z[k].v[v] is not needed any more: it now holds the gradient until the store below.
             z[k].v[v] = static_cast<scalar_t>(
-                student_grad(p.scale, prob, q[k], mix, weight_sum[k], c0 + v == y) + grad_poison);
+                student_grad(p.scale, prob, q[k], mix, weight_sum[k], target_share(static_cast<int>(c0) + v, y, y_b, lam_b)));
           }
         }
       }
@@ -250,7 +256,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, typename acc_t, int VEC, int MAX_ROWS>
-void launch_mutual_distillation(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weights,
+void launch_mutual_distillation(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& target_b,
+                                const at::Tensor& lam, const at::Tensor& weights,
                                 const MdParams<acc_t>& p, const at::Tensor& grad, const at::Tensor& work,
                                 const at::Tensor& counter, const at::Tensor& loss, const at::Tensor& ce,
                                 const at::Tensor& kl) {
@@ -261,7 +268,9 @@ void launch_mutual_distillation(const at::Tensor& logits, const at::Tensor& targ
   auto stream = at::cuda::getCurrentCUDAStream();
   acc_t* ws = work.mutable_data_ptr<acc_t>();
   mutual_distillation_forward_kernel<scalar_t, acc_t, VEC, MAX_ROWS><<<blocks, kThreads, 0, stream>>>(
-      logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), weights.const_data_ptr<acc_t>(), p,
+      logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(),
+      target_b.defined() ? target_b.const_data_ptr<int64_t>() : nullptr, lam.defined() ? lam.const_data_ptr<acc_t>() : nullptr,
+      weights.const_data_ptr<acc_t>(), p,
       grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr, ws, ws + p.students * p.batch,
       reinterpret_cast<unsigned int*>(counter.mutable_data_ptr<int32_t>()), loss.mutable_data_ptr<acc_t>(),
       ce.mutable_data_ptr<acc_t>(), kl.mutable_data_ptr<acc_t>());
@@ -269,30 +278,40 @@ void launch_mutual_distillation(const at::Tensor& logits, const at::Tensor& targ
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-void launch_for_rows(int64_t rows, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weights,
+void launch_for_rows(int64_t rows, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& target_b,
+                     const at::Tensor& lam, const at::Tensor& weights,
                      const MdParams<acc_t>& p, const at::Tensor& grad, const at::Tensor& work,
                      const at::Tensor& counter, const at::Tensor& loss, const at::Tensor& ce, const at::Tensor& kl) {
   // Register arrays sized for the rows: the common pair (M = 2) stays light on registers.
   if (rows <= 2) {
-    launch_mutual_distillation<scalar_t, acc_t, VEC, 2>(logits, target, weights, p, grad, work, counter, loss, ce, kl);
+    launch_mutual_distillation<scalar_t, acc_t, VEC, 2>(logits, target, target_b, lam, weights, p, grad, work, counter, loss, ce, kl);
   } else if (rows <= 4) {
-    launch_mutual_distillation<scalar_t, acc_t, VEC, 4>(logits, target, weights, p, grad, work, counter, loss, ce, kl);
+    launch_mutual_distillation<scalar_t, acc_t, VEC, 4>(logits, target, target_b, lam, weights, p, grad, work, counter, loss, ce, kl);
   } else {
-    launch_mutual_distillation<scalar_t, acc_t, VEC, kMaxRows>(logits, target, weights, p, grad, work, counter, loss,
+    launch_mutual_distillation<scalar_t, acc_t, VEC, kMaxRows>(logits, target, target_b, lam, weights, p, grad, work, counter, loss,
                                                                ce, kl);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_distillation_forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& weights_in, double temperature,
-    double ce_weight, double kd_weight, double label_smoothing, bool compute_grad) {
+    double ce_weight, double kd_weight, double label_smoothing, bool compute_grad,
+    const std::optional<at::Tensor>& target_b_in, const std::optional<at::Tensor>& lam_in) {
   check_mutual_distillation_inputs(logits_in, target_in, weights_in, temperature, label_smoothing);
+  check_soft_target_inputs(logits_in, target_b_in, lam_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
   const auto target = target_in.to(at::kLong).contiguous();
   const auto acc = acc_dtype(logits.scalar_type());
+  at::Tensor target_b, lam;  // undefined: hard targets
+  if (target_b_in.has_value()) {
+    target_b = target_b_in->to(at::kLong).contiguous();
+    lam = lam_in->to(acc).contiguous();
+  }
   const auto weights = weights_in.to(acc).contiguous();
   const int64_t rows = logits.size(0), batch = logits.size(1), classes = logits.size(2);
+  TORCH_CHECK(classes <= std::numeric_limits<int32_t>::max(), "logits have ", classes,
+              " classes; the CUDA kernel takes at most 2^31 - 1");
   const int64_t students = weights.size(0);
   auto opts = logits.options().dtype(acc);
   auto loss = at::empty({students}, opts), ce = at::empty({students}, opts), kl = at::empty({students}, opts);
@@ -321,10 +340,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mutual_distillation_f
     const bool aligned = classes % kVec == 0 && reinterpret_cast<uintptr_t>(logits.const_data_ptr()) % 16 == 0 &&
                          (!compute_grad || reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0);
     if (aligned) {
-      launch_for_rows<scalar_t, acc_t, kVec>(rows, logits, target, weights, p, grad_or_undefined, work, counter, loss,
+      launch_for_rows<scalar_t, acc_t, kVec>(rows, logits, target, target_b, lam, weights, p, grad_or_undefined, work, counter, loss,
                                              ce, kl);
     } else {
-      launch_for_rows<scalar_t, acc_t, 1>(rows, logits, target, weights, p, grad_or_undefined, work, counter, loss,
+      launch_for_rows<scalar_t, acc_t, 1>(rows, logits, target, target_b, lam, weights, p, grad_or_undefined, work, counter, loss,
                                           ce, kl);
     }
   });
