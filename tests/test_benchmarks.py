@@ -63,8 +63,13 @@ def test_data_benchmark(tmp_path):
 
 def test_ops_benchmark(tmp_path):
     payload, stdout, _ = _run("ops", tmp_path, "--quick", "--no-compile", "--iters", "2")
-    assert {(r["K"], r["B"], r["C"]) for r in payload["results"]} == {(2, 64, 1000), (3, 32, 100)}
+    assert [(r["K"], r["B"], r["C"], r["targets"]) for r in payload["results"]] == [
+        (2, 64, 1000, "hard"), (2, 64, 1000, "soft"), (3, 32, 100, "hard"), (3, 32, 100, "soft")]
     assert all(r["speedup_vs_eager_fwd_bwd"] > 0 for r in payload["results"])
+    for hard, soft in zip(payload["results"][::2], payload["results"][1::2]):  # soft over hard, same run
+        assert soft["fused_soft_over_hard_fwd_bwd"] == pytest.approx(
+            soft["timings"]["fused"]["fwd_bwd_ms"] / hard["timings"]["fused"]["fwd_bwd_ms"])
+    assert "soft / hard targets" in stdout
 
 
 def test_gpu_check_script_parses():

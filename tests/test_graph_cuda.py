@@ -60,6 +60,29 @@ def test_graph_replay_trains_as_the_eager_step(amp):
         assert torch.equal(graphed.step.loss_scale.scale, eager.loss_scale.scale)
 
 
+def test_mixing_in_the_graph_draws_as_the_eager_step():
+    """mixup/CutMix inside the captured step: every replay draws a new λ, permutation and box from the
+    CUDA generator, the values that the eager step draws from the same generator state (graph-safe
+    philox offsets), and leaves the generator where the eager step does (what exact resume needs)."""
+    from afd_fast.mixing import Mixing
+    mixing = Mixing(mixup=0.2, cutmix=1.0, prob=0.8)
+    model = _pair()
+    twin = copy.deepcopy(model)
+    graphed = GraphedStep(DualStep(model, lr=0.05, adv_lr=1e-3, capturable=True, mixing=mixing), warmup=2)
+    eager = DualStep(twin, lr=0.05, adv_lr=1e-3, mixing=mixing)
+    for images, target in _batches(8):
+        before = torch.cuda.get_rng_state()
+        out_g = {k: v.clone() for k, v in graphed(images, target).items()}
+        after = torch.cuda.get_rng_state()
+        torch.cuda.set_rng_state(before)
+        out_e = eager(images, target)
+        assert torch.equal(torch.cuda.get_rng_state(), after)
+        torch.testing.assert_close(out_g["ce"], out_e["ce"], **TOLERANCE["off"])
+    assert graphed.captures == 1 and not graphed.disabled
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, msg=name, **TOLERANCE["off"])
+
+
 def test_schedules_reach_the_captured_graph():
     model = _pair()
     twin = copy.deepcopy(model)
