@@ -6,8 +6,9 @@
 On ../shared/data/imagenette-mini (real ImageNet JPEGs), training augmentation at --image-size:
 DALI with CPU decoding, DALI with GPU ("mixed") decoding when a GPU is present, and the
 torchvision DataLoader (the fallback), each with --workers threads/processes, each plain (crop,
-flip, normalise) and with each --auto-augment policy and --random-erasing 0.25; ratios to the same
-loader's plain pipeline and (plain rows) to the torchvision DataLoader's. Then the device-resident CIFAR loader (crop, flip, normalise on the
+flip, normalise), with each --auto-augment policy, with --random-erasing 0.25, and plain followed by
+mixup 0.2 / CutMix 1.0 on the training device (afd_fast.mixing, as the trainer runs it inside the
+step); ratios to the same loader's plain pipeline and (plain rows) to the torchvision DataLoader's. Then the device-resident CIFAR loader (crop, flip, normalise on the
 device) on a synthetic CIFAR-sized set (50,000 32x32 images). Batches count as delivered when they
 are on the training device; each epoch's first batch (pipeline start-up) is not timed. Writes benchmarks/results/data-<device>.json naming the machine.
 """
@@ -25,6 +26,7 @@ import common  # noqa: E402
 from afd_fast.data import Preparation, build_loaders  # noqa: E402
 from afd_fast.data.cifar import CifarLoader  # noqa: E402
 from afd_fast.data.dali import dali_available  # noqa: E402
+from afd_fast.mixing import Mixing  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENETTE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "imagenette-mini")
@@ -32,14 +34,18 @@ IMAGENETTE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "dat
 AUGMENTATIONS = {"plain": {}, "randaugment 2:9": dict(auto_augment="randaugment"),
                  "trivialaugment": dict(auto_augment="trivialaugment"), "autoaugment": dict(auto_augment="autoaugment"),
                  "random erasing 0.25": dict(random_erasing=0.25)}
-QUICK_AUGMENTATIONS = ("plain", "trivialaugment", "random erasing 0.25")
+# the plain pipeline, then mixing on the training device (not a loader option: the trainer mixes in the step)
+MIXING = {"mixup 0.2 / CutMix 1.0 (device)": Mixing(mixup=0.2, cutmix=1.0)}
+QUICK_AUGMENTATIONS = ("plain", "trivialaugment", "random erasing 0.25", *MIXING)
 
 
-def images_per_second(epochs, device: torch.device, batches: int) -> float:
-    """Batches count as delivered once on the training device."""
+def images_per_second(epochs, device: torch.device, batches: int, mixing: Mixing | None = None) -> float:
+    """Batches count as delivered once on the training device (and mixed there, with ``mixing``)."""
     def deliver(batch) -> int:
         x, y = batch
-        x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixing is not None:
+            mixing(x, y)
         return x.shape[0]
 
     return common.epoch_throughput(epochs, deliver, device, batches, warmup=2)
@@ -80,10 +86,10 @@ def main(argv=None) -> dict:
     results = []
     for label, options in loaders.items():
         plain = None
-        for augmentation in QUICK_AUGMENTATIONS if args.quick else AUGMENTATIONS:
-            prep = Preparation.of(size, **AUGMENTATIONS[augmentation])
+        for augmentation in QUICK_AUGMENTATIONS if args.quick else (*AUGMENTATIONS, *MIXING):
+            prep = Preparation.of(size, **AUGMENTATIONS.get(augmentation, {}))
             built = build_loaders(args.data, prep, batch, args.workers, seed=0, **options)
-            rate = images_per_second(built.train_epoch, device, batches)
+            rate = images_per_second(built.train_epoch, device, batches, MIXING.get(augmentation))
             plain = plain or rate  # "plain" comes first
             results.append({"loader": label, "augmentation": augmentation,
                             "source": os.path.basename(os.path.normpath(args.data)), "image_size": size,

@@ -54,7 +54,8 @@ def test_data_benchmark(tmp_path):
         assert loaders[0] == "torchvision DataLoader" and payload["results"][0]["vs_torchvision"] == 1.0
         # each loader plain, then with augmentations: ratios to its own plain row
         torch_rows = [r for r in payload["results"] if r["loader"] == "torchvision DataLoader"]
-        assert [r["augmentation"] for r in torch_rows] == ["plain", "trivialaugment", "random erasing 0.25"]
+        assert [r["augmentation"] for r in torch_rows] == ["plain", "trivialaugment", "random erasing 0.25",
+                                                            "mixup 0.2 / CutMix 1.0 (device)"]
         for r in torch_rows:
             assert r["vs_plain"] == pytest.approx(r["img_per_s"] / torch_rows[0]["img_per_s"])
         assert "vs plain" in stdout
