@@ -16,6 +16,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny networks: a second thread buys nothing and spins against
+    other processes on a shared machine (use: pytestmark = pytest.mark.usefixtures("one_torch_thread"))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _extension_is_built():
     """The suite tests the compiled kernels: a silent fallback to the reference would test nothing."""

@@ -432,13 +432,7 @@ def run_checked(step, images, target, checker: CaptureChecker, between=None, war
 
 # --- 1 and 3: every method, topology, amp mode, batched backward ----------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny networks: a second thread buys nothing and spins against other processes on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
