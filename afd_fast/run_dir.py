@@ -9,6 +9,8 @@ import math
 import os
 import sys
 
+import torch
+
 from afd_fast import checkpoint, metrics
 from afd_fast.config import Config, recipe_changes
 from afd_fast.plotting import pyplot
@@ -104,8 +106,6 @@ def sample_mixing(config: Config):
     mixing = config.mixing
     if mixing is None:
         return None
-    import torch
-
     generator = torch.Generator().manual_seed(config.seed)
     return lambda images, target: mixing(images, target, generator)[0]
 
