@@ -186,10 +186,7 @@ class AFDModel(nn.Module):
             z = torch.cat([z, ensemble.to(z.dtype)[None]])
             ensemble_ce = cross_entropy(ensemble, target)  # trains the gate (and the branches)
             out["ensemble_ce"] = ensemble_ce.detach()
-        hard, soft = loss_targets(target)
-        loss, ce, kl = losses.mutual_distillation_loss(
-            z, hard, self.peer_weights, self.temperature, kd_weight=1.0 if spec.kd else 0.0,
-            label_smoothing=self.label_smoothing, **soft)
+        loss, ce, kl = self.logit_losses(z, target)
         out.update(ce=ce, kl=kl)
         if cut_at_features:
             out.update(features=features, cut=maps)
@@ -215,6 +212,15 @@ class AFDModel(nn.Module):
             out.update(generator=g_loss.sum(), discriminator=d_loss.sum(), g_loss=g_loss.detach(),
                        d_loss=d_loss.detach(), d_own=d_own.detach(), d_peer=d_peer.detach())
         return out
+
+    def logit_losses(self, z: torch.Tensor, target: torch.Tensor | SoftTarget):
+        """``(loss, ce, kl)`` of the stacked logits ``z`` (``[M, B, C]``: the networks, then any
+        teacher-only row) through the fused op, with this model's peers, temperature and label
+        smoothing, against hard or soft (mixup/CutMix) targets."""
+        hard, soft = loss_targets(target)
+        return self.losses.mutual_distillation_loss(
+            z, hard, self.peer_weights, self.temperature, kd_weight=1.0 if self.spec.kd else 0.0,
+            label_smoothing=self.label_smoothing, **soft)
 
     def network_input(self, i: int, images: torch.Tensor) -> torch.Tensor:
         """The images as network i takes them: resized to its own input size when it has one (a

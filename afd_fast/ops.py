@@ -96,11 +96,12 @@ def mutual_distillation_loss(
     """
     if (target_b is None) != (lam is None):
         raise ValueError("soft targets need both target_b and lam (or neither)")
-    if lam is not None:
-        # one λ for the batch (mixup, CutMix) becomes one per sample: the kernels read lam[b]
-        lam = torch.as_tensor(lam, device=logits.device)
-        if lam.dim() == 0:
-            lam = lam.expand(target.shape)
+    # one λ for the batch (mixup, CutMix) becomes one per sample: the kernels read lam[b]. A number is
+    # filled on the device (no host-to-device copy: capturable), a 0-d tensor expanded.
+    if lam is not None and not isinstance(lam, torch.Tensor):
+        lam = torch.full(target.shape, float(lam), device=logits.device)
+    elif lam is not None and lam.dim() == 0:
+        lam = lam.expand(target.shape)
     if not HAS_EXTENSION:
         return reference.mutual_distillation_loss(
             logits, target, peer_weights, temperature, ce_weight, kd_weight, label_smoothing, target_b, lam

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from afd_fast.ema import WeightEMA
-from afd_fast.mixing import Mixing, loss_targets
+from afd_fast.mixing import Mixing
 from afd_fast.model import AFDModel
 
 @contextlib.contextmanager
@@ -251,16 +251,13 @@ class DualStep:
         without changing their running statistics; network k's forward updates its own."""
         model = self.model
         images, target = self._mixed(images, target)
-        hard, soft = loss_targets(target)
         with self._autocast():
             logits = []
             for j, network in enumerate(model.networks):
                 peer = j != k
                 with torch.set_grad_enabled(not peer), batch_statistics_only(network) if peer else contextlib.nullcontext():
                     logits.append(network(model.network_input(j, images))[1])
-            loss, ce, kl = model.losses.mutual_distillation_loss(
-                torch.stack(logits), hard, model.peer_weights, model.temperature,
-                label_smoothing=model.label_smoothing, **soft)
+            loss, ce, kl = model.logit_losses(torch.stack(logits), target)
         params = list(model.networks[k].parameters())
         scale = self.loss_scale.scale if self.loss_scale is not None else None
         grads = torch.autograd.grad(loss[k] if scale is None else loss[k] * scale, params, allow_unused=True)
